@@ -1,0 +1,54 @@
+# entropo-trl developer commands. `make test` works on a fresh clone: it creates .venv, installs the package with its
+# test dependencies (a CPU build of torch on machines without a GPU) and runs the tests offline.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# On a machine without a GPU this pin resolves to a local CPU wheel; override it for other machines,
+# e.g. `make test TORCH_SPEC=torch` on a CUDA box.
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export WANDB_MODE := offline
+export TQDM_DISABLE := 1
+
+.PHONY: install test test-all lint bench demo clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	@# Keep an already installed torch; otherwise take the pinned (CPU on this kind of machine) build first, so that
+	@# resolving the package's own `torch>=...` requirement never pulls several GB of CUDA wheels.
+	@if $(PY) -c "import torch" 2>/dev/null; then \
+		echo "torch already installed: $$($(PY) -c 'import torch; print(torch.__version__)')"; \
+	else \
+		$(PIP) install -q "$(TORCH_SPEC)"; \
+	fi
+	$(PIP) install -q -e ".[test]"
+	touch $@
+
+test: install
+	$(PY) -m pytest -q -m "not slow and not gpu" $(PYTEST_ARGS)
+
+test-all: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: install
+	$(PY) -m ruff check entropo_trl tests bench
+	$(PY) -m ruff format --check entropo_trl tests bench
+
+bench: install
+	$(PY) bench/trainer_overhead.py
+
+demo:
+	@echo "make demo is not built yet (see the project's issues)." && exit 1
+
+clean:
+	rm -rf $(VENV) .pytest_cache build dist *.egg-info
