@@ -1,0 +1,240 @@
+"""Which tokens count: assistant-only masks for multi-turn trajectories, for any chat template (DESIGN §3).
+
+A trajectory is `[system, user(issue), assistant, user(observation), assistant, ..., assistant(finish)]`. Only the
+assistant turns are the policy's actions, so only their tokens enter `logp`, `ref`, the SFT loss and the KL samples.
+The assistant header (`<|im_start|>assistant\\n`) is masked; the content and the template's end-of-turn token
+(`<|im_end|>`) are trained, so the model learns to stop.
+
+The spans come from the tokenizer's own chat template, rendered prefix by prefix: the assistant turn `i` starts where
+`messages[:i]` rendered with the generation prompt ends and stops where `messages[:i + 1]` ends. That is only right when
+the template renders every prefix exactly as it appears in the full conversation; templates that drop past `<think>`
+blocks or special-case the last turn do not, and then [`assistant_token_mask`] raises [`TemplateNotPrefixPreservingError`]
+instead of returning a wrong mask.
+"""
+
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+
+class TemplateNotPrefixPreservingError(ValueError):
+    """The chat template renders a prefix of the conversation differently from the full conversation."""
+
+
+@functools.cache
+def _known_templates() -> dict[str, str]:
+    """TRL's stored chat templates (original and training variants), by name, to name a user's template in errors."""
+    try:
+        import trl
+
+        folder = Path(trl.__file__).parent / "chat_templates"
+        return {path.read_text(encoding="utf-8"): path.stem for path in sorted(folder.glob("*.jinja"))}
+    except Exception:  # pragma: no cover - naming is best effort
+        return {}
+
+
+def chat_template_name(tokenizer: PreTrainedTokenizerBase, chat_template: str | None = None) -> str:
+    """A human-readable name for the chat template in use (TRL's file name when it is a known template)."""
+    template = chat_template if chat_template is not None else tokenizer.chat_template
+    if isinstance(template, dict):
+        template = template.get("default")
+    name = _known_templates().get(template) if isinstance(template, str) else None
+    source = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+    if name is not None:
+        return f"'{name}' (TRL's chat_templates/{name}.jinja, tokenizer {source})"
+    return f"the chat template of tokenizer {source!r}"
+
+
+def _special_strings(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """Added tokens (special or control tokens such as `<|im_end|>`, `<end_of_turn>`, `<|user|>`), longest first."""
+    strings = set(tokenizer.get_added_vocab().keys()) | set(tokenizer.all_special_tokens)
+    return sorted((s for s in strings if s.strip()), key=len, reverse=True)
+
+
+def _render(tokenizer, messages, tools, add_generation_prompt, chat_template, template_kwargs) -> str:
+    return tokenizer.apply_chat_template(
+        messages,
+        tools=tools,
+        tokenize=False,
+        add_generation_prompt=add_generation_prompt,
+        chat_template=chat_template,
+        **template_kwargs,
+    )
+
+
+def _first_difference(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def _check_prefix(full: str, prefix: str, what: str, tokenizer, chat_template) -> None:
+    if full.startswith(prefix):
+        return
+    at = _first_difference(full, prefix)
+    raise TemplateNotPrefixPreservingError(
+        f"{chat_template_name(tokenizer, chat_template)} renders {what} differently from the full conversation, so "
+        f"assistant tokens cannot be located exactly (the renderings diverge at character {at}: "
+        f"prefix has {prefix[at:at + 60]!r}, full conversation has {full[at:at + 60]!r}). This happens with "
+        "templates that drop past <think> blocks or special-case the last turn. Use a prefix-preserving template, "
+        "e.g. `tokenizer.chat_template = trl.chat_template_utils.get_training_chat_template(tokenizer)`, or pass "
+        "`chat_template=...`."
+    )
+
+
+def _validate_messages(messages: Any) -> None:
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError(f"messages must be a non-empty list of {{'role', 'content'}} dicts, got {type(messages)}")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message:
+            raise ValueError(f"message {i} has no 'role' field: {str(message)[:80]!r}")
+        if "content" not in message and not message.get("tool_calls"):
+            raise ValueError(f"message {i} (role {message['role']!r}) has no 'content' field")
+
+
+def assistant_char_spans(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict[str, Any]],
+    tools: list[dict] | None = None,
+    *,
+    chat_template: str | None = None,
+    **template_kwargs: Any,
+) -> tuple[str, list[tuple[int, int]]]:
+    """Render `messages` and return `(text, spans)`: character ranges of each assistant turn's trained text.
+
+    A span covers the turn's content and its end-of-turn token (`<|im_end|>`, `<end_of_turn>`), not the assistant
+    header nor the newline after the end-of-turn token. Templates without an end-of-turn token of their own (GLM-4.5,
+    which ends a turn with the next role's token such as `<|observation|>` or `<|user|>`) get that following special
+    token as an extra span, since it is what the model emits to stop.
+
+    Raises:
+        TemplateNotPrefixPreservingError: the template renders a prefix differently from the full conversation.
+    """
+    _validate_messages(messages)
+    full = _render(tokenizer, messages, tools, False, chat_template, template_kwargs)
+    specials = _special_strings(tokenizer)
+    spans: list[tuple[int, int]] = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        if i == 0:
+            raise ValueError("the conversation starts with an assistant turn: there is no prompt to condition it on")
+        pre = _render(tokenizer, messages[:i], tools, True, chat_template, template_kwargs)
+        post = _render(tokenizer, messages[: i + 1], tools, False, chat_template, template_kwargs)
+        _check_prefix(full, pre, f"the first {i} messages (with the generation prompt)", tokenizer, chat_template)
+        _check_prefix(full, post, f"the first {i + 1} messages", tokenizer, chat_template)
+        start, end = len(pre), len(post)
+        if end <= start:
+            raise ValueError(f"assistant message {i} renders to no text after the assistant header")
+        turn = full[start:end]
+        trimmed_end = start + len(turn.rstrip())
+        if any(full[start:trimmed_end].endswith(s) for s in specials):
+            spans.append((start, trimmed_end))  # content + end-of-turn token (ChatML, Gemma)
+            continue
+        spans.append((start, trimmed_end))
+        # No end-of-turn token inside the turn: the model stops by emitting the next role's special token (GLM).
+        following = next((s for s in specials if full.startswith(s, end)), None)
+        if following is not None:
+            spans.append((end, end + len(following)))
+    return full, spans
+
+
+def assistant_token_mask(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict[str, Any]],
+    tools: list[dict] | None = None,
+    *,
+    chat_template: str | None = None,
+    **template_kwargs: Any,
+) -> tuple[list[int], list[int]]:
+    """Tokenize a conversation with its chat template and mark the tokens of assistant turns.
+
+    Args:
+        tokenizer: a fast tokenizer with a chat template (Qwen3 / Qwen3-Coder ChatML, Gemma-3, GLM-4.5, ...).
+        messages: `[{"role", "content"}, ...]`; tool observations may be `user` or `tool` messages.
+        tools: tool schemas passed to the template, as in `apply_chat_template`.
+        chat_template: a template to use instead of `tokenizer.chat_template`.
+        **template_kwargs: extra template variables (e.g. `enable_thinking=False`).
+
+    Returns:
+        `(input_ids, mask)`: the token ids of the whole rendered conversation (what TRL's `apply_chat_template(...,
+        tokenize=True)` gives) and a 0/1 list with `mask[i] == 1` exactly on the tokens of assistant turns: content
+        plus the template's end-of-turn token, not the assistant header.
+
+    Raises:
+        TemplateNotPrefixPreservingError: the template renders a prefix differently from the full conversation (e.g.
+            it drops past `<think>` blocks), so the mask cannot be exact.
+    """
+    input_ids, mask, _ = _tokenize_with_mask(tokenizer, messages, tools, chat_template, template_kwargs)
+    return input_ids, mask
+
+
+def _tokenize_with_mask(tokenizer, messages, tools, chat_template, template_kwargs):
+    """(input_ids, mask, offsets) for the rendered conversation."""
+    text, spans = assistant_char_spans(tokenizer, messages, tools, chat_template=chat_template, **template_kwargs)
+    if not getattr(tokenizer, "is_fast", False):
+        raise TypeError(
+            f"assistant_token_mask needs a fast tokenizer (character offsets); got {type(tokenizer).__name__}"
+        )
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    input_ids = list(encoding["input_ids"])
+    offsets = [tuple(o) for o in encoding["offset_mapping"]]
+    mask = [0] * len(input_ids)
+    span_index = 0
+    for t, (tok_start, tok_end) in enumerate(offsets):
+        while span_index < len(spans) and spans[span_index][1] <= tok_start:
+            span_index += 1
+        if span_index == len(spans):
+            break
+        span_start, span_end = spans[span_index]
+        # A token belongs to a turn when it starts inside it; a token that starts in the header and runs into the
+        # content (a merge across the boundary) stays masked, so the header is never trained.
+        if span_start <= tok_start < span_end:
+            mask[t] = 1
+    return input_ids, mask, offsets
+
+
+def tokenize_prompt_completion(
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: list[dict[str, Any]],
+    completion: list[dict[str, Any]],
+    tools: list[dict] | None = None,
+    *,
+    chat_template: str | None = None,
+    **template_kwargs: Any,
+) -> dict[str, list[int]]:
+    """Tokenize `prompt + completion` and split it where the prompt (with the generation prompt) ends.
+
+    Returns `{"prompt_ids", "completion_ids", "completion_mask"}`, where `completion_mask` is the assistant-only mask
+    over `completion_ids` (observation turns inside the completion are 0).
+
+    Raises:
+        ValueError: the prompt or completion is empty, the completion does not start with an assistant turn or has
+            no assistant tokens.
+    """
+    if not prompt:
+        raise ValueError("the prompt is empty")
+    if not completion:
+        raise ValueError("the completion is empty")
+    if not isinstance(completion[0], dict) or completion[0].get("role") != "assistant":
+        role = completion[0].get("role") if isinstance(completion[0], dict) else type(completion[0]).__name__
+        raise ValueError(f"the completion must start with an assistant turn, its first message has role {role!r}")
+    if isinstance(tools, str):
+        tools = json.loads(tools)
+    messages = list(prompt) + list(completion)
+    input_ids, mask, offsets = _tokenize_with_mask(tokenizer, messages, tools, chat_template, template_kwargs)
+    prompt_text = _render(tokenizer, list(prompt), tools, True, chat_template, template_kwargs)
+    # Tokens that start before the end of the prompt text belong to the prompt.
+    prompt_len = sum(1 for start, _ in offsets if start < len(prompt_text))
+    if not any(mask[prompt_len:]):
+        raise ValueError("the completion has no assistant tokens")
+    return {
+        "prompt_ids": input_ids[:prompt_len],
+        "completion_ids": input_ids[prompt_len:],
+        "completion_mask": mask[prompt_len:],
+    }
