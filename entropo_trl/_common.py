@@ -1,0 +1,109 @@
+"""Plumbing shared by the EntroPO trainers: collators that carry assistant masks, row validation, the paper card."""
+
+import contextlib
+import json
+import textwrap
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from trl.trainer.utils import pad
+
+from .multiturn import tokenize_prompt_completion
+
+
+ENTROPO_PAPER = {
+    "title": "Building Coding Agents via Entropy-Enhanced Multi-Turn Preference Optimization",
+    "id": None,
+    # docstyle-ignore
+    "citation": textwrap.dedent("""\
+        @article{yu2025entropo,
+            title  = {{Building Coding Agents via Entropy-Enhanced Multi-Turn Preference Optimization}},
+            author = {Jiahao Yu and Zelei Cheng and Xian Wu and Xinyu Xing},
+            year   = 2025,
+        }"""),
+}
+
+
+def resolve_tokenizer(model, processing_class, args, trainer_name: str):
+    """The tokenizer the trainer will use (loaded as TRL does when not given), with a pad token set."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerBase
+    from trl.trainer.utils import get_config_model_id
+
+    if processing_class is None:
+        model_id = model if isinstance(model, str) else get_config_model_id(model.config)
+        processing_class = AutoTokenizer.from_pretrained(model_id, trust_remote_code=args.trust_remote_code)
+    if not isinstance(processing_class, PreTrainedTokenizerBase):
+        raise TypeError(
+            f"`processing_class` must be a tokenizer ({trainer_name} is text-only), got {type(processing_class).__name__}"
+        )
+    if processing_class.pad_token is None:
+        processing_class.pad_token = processing_class.eos_token
+    return processing_class
+
+
+def is_vision_example(example: dict[str, Any]) -> bool:
+    return "image" in example or "images" in example
+
+
+def row_error(dataset_name: str, index: int, field: str, message: str) -> ValueError:
+    return ValueError(f"{dataset_name} dataset, row {index}, field '{field}': {message}")
+
+
+def require_messages(example: dict[str, Any], key: str, dataset_name: str, index: int) -> list[dict[str, Any]]:
+    """The conversational field `key` of a row, or a clear error naming the row and field."""
+    if key not in example:
+        raise row_error(dataset_name, index, key, "missing")
+    value = example[key]
+    if value is None or (isinstance(value, (list, tuple)) and len(value) == 0):
+        raise row_error(dataset_name, index, key, "empty")
+    if not isinstance(value, (list, tuple)) or not all(isinstance(m, dict) for m in value):
+        raise row_error(dataset_name, index, key, f"expected a list of messages, got {type(value).__name__}")
+    for i, message in enumerate(value):
+        if message.get("role") is None:
+            raise row_error(dataset_name, index, key, f"message {i} has no role")
+    return list(value)
+
+
+def template_kwargs_of(example: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    tools = example.get("tools")
+    tools = json.loads(tools) if isinstance(tools, str) else tools
+    return tools, dict(example.get("chat_template_kwargs") or {})
+
+
+def tokenize_row_completion(
+    tokenizer, example, key: str, dataset_name: str, index: int
+) -> dict[str, list[int]]:
+    """Tokenize `prompt + example[key]` with an assistant-only mask, errors naming the row and the field."""
+    prompt = require_messages(example, "prompt", dataset_name, index)
+    completion = require_messages(example, key, dataset_name, index)
+    tools, kwargs = template_kwargs_of(example)
+    try:
+        return tokenize_prompt_completion(tokenizer, prompt, completion, tools, **kwargs)
+    except ValueError as error:
+        raise row_error(dataset_name, index, key, str(error)) from error
+
+
+def _masks_tensor(examples, prompt_key, mask_key, max_length, keep_end, pad_to_multiple_of) -> torch.Tensor:
+    masks = [[0] * len(example[prompt_key]) + list(example[mask_key]) for example in examples]
+    if max_length is not None:
+        masks = [m[-max_length:] if keep_end else m[:max_length] for m in masks]
+    return pad(
+        [torch.tensor(m, dtype=torch.int64) for m in masks],
+        padding_value=0,
+        padding_side="right",
+        pad_to_multiple_of=pad_to_multiple_of,
+    )
+
+
+@contextlib.contextmanager
+def swapped_attributes(obj, **values) -> Iterator[None]:
+    """Temporarily set attributes on `obj` (used to hand EntroPO's reference values to TRL's loss)."""
+    saved = {name: getattr(obj, name) for name in values}
+    try:
+        for name, value in values.items():
+            setattr(obj, name, value)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(obj, name, value)

@@ -1,0 +1,224 @@
+"""EntroPO-DPO on top of TRL's `DPOTrainer` (DESIGN §2, "a narrow way in").
+
+EntroPO-DPO is TRL's sigmoid DPO with β replaced by α and every reference log-prob multiplied by β/α. So the trainer
+(a) sets the sigmoid's coefficient to α, (b) supplies the reference log-probs itself (the cached ones with
+`precompute_ref_log_probs=True`, otherwise TRL's `compute_ref_log_probs`), multiplied by β/α at use time, and (c) hands
+over to TRL's `compute_loss`, which then reads them from the batch. TRL's forward, fused LM head and metrics stay
+untouched; its logged rewards, `β·(logp − ref)`, become `α·logp − β·ref`, the EntroPO reward. Cached reference
+log-probs are stored unscaled, so they stay valid for any α.
+
+Multi-turn conversational rows are tokenized with [`~entropo_trl.multiturn.tokenize_prompt_completion`], and the
+collator turns the assistant-only masks into TRL's `completion_mask`, so only assistant tokens enter `logp`, `ref`, the
+loss and the entropy metric.
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from accelerate.logging import get_logger
+from datasets import Dataset, IterableDataset
+from transformers import PreTrainedTokenizerBase
+from trl import DPOTrainer
+from trl.data_utils import common_prefix_length, extract_prompt, is_conversational
+from trl.trainer.dpo_trainer import DataCollatorForPreference
+from trl.trainer.utils import global_then_local_main_first
+
+from ._common import (
+    ENTROPO_PAPER,
+    _masks_tensor,
+    is_vision_example,
+    resolve_tokenizer,
+    swapped_attributes,
+    tokenize_row_completion,
+)
+from .dpo_config import DPO_UNSUPPORTED, EntroDPOConfig, reject_options
+
+
+logger = get_logger(__name__)
+
+MASK_COLUMNS = ("chosen_assistant_mask", "rejected_assistant_mask")
+
+
+@dataclass
+class DataCollatorForMultiTurnPreference(DataCollatorForPreference):
+    """TRL's preference collator, whose `completion_mask` comes from per-token assistant masks when rows carry them.
+
+    Rows with `chosen_assistant_mask` / `rejected_assistant_mask` (aligned with `chosen_ids` / `rejected_ids`) get a
+    `completion_mask` that is 1 only on assistant tokens; other rows are collated exactly as TRL does.
+    """
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        output = super().torch_call(examples)
+        if MASK_COLUMNS[0] not in examples[0]:
+            return output
+        keep_end = self.truncation_mode == "keep_end"
+        args = ("prompt_ids", self.max_length, keep_end, self.pad_to_multiple_of)
+        chosen = _masks_tensor(examples, args[0], "chosen_assistant_mask", *args[1:])
+        rejected = _masks_tensor(examples, args[0], "rejected_assistant_mask", *args[1:])
+        width = output["input_ids"].shape[1]
+        masks = torch.cat([pad_to(chosen, width), pad_to(rejected, width)], dim=0)
+        output["completion_mask"] = masks
+        return output
+
+
+def pad_to(mask: torch.Tensor, width: int) -> torch.Tensor:
+    if mask.shape[1] < width:
+        mask = torch.nn.functional.pad(mask, (0, width - mask.shape[1]))
+    return mask
+
+
+class EntroDPOTrainer(DPOTrainer):
+    """EntroPO-DPO trainer: [`~trl.DPOTrainer`] with the entropy-enhanced loss of eq. (6) of the EntroPO paper.
+
+        loss = −log σ(α·(logp(y+) − logp(y−)) − β·(ref(y+) − ref(y−)))
+
+    with `logp` summed over the tokens of assistant turns only when `args.assistant_only` is set and the data is
+    conversational (prompt `[system, issue]`, `chosen` / `rejected` the multi-turn continuations). At α = β
+    (`alpha=None`) it is TRL's DPO, loss and updates.
+
+    Args are those of [`~trl.DPOTrainer`]; `args` must be an [`EntroDPOConfig`] (default: one with α = β).
+
+    Logs, besides TRL's metrics: `entropo/alpha`; `rewards/*` and `rewards/margins` are in EntroPO units
+    (`α·logp − β·ref`); `entropy` is the mean per-token policy entropy over the scored (assistant) tokens.
+    """
+
+    _tag_names = ["trl", "dpo", "entropo"]
+    _name = "EntroPO-DPO"
+    _paper = ENTROPO_PAPER
+
+    def __init__(
+        self,
+        model,
+        ref_model=None,
+        args: EntroDPOConfig | None = None,
+        data_collator=None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset=None,
+        processing_class: PreTrainedTokenizerBase | None = None,
+        compute_metrics=None,
+        callbacks=None,
+        optimizers=(None, None),
+        quantization_config=None,
+        peft_config=None,
+    ):
+        if args is None:
+            name = model if isinstance(model, str) else model.config._name_or_path
+            args = EntroDPOConfig(f"{str(name).split('/')[-1] or 'model'}-EntroDPO")
+        elif not isinstance(args, EntroDPOConfig):
+            raise TypeError(f"`args` must be an EntroDPOConfig, got {type(args).__name__}")
+        reject_options(args, DPO_UNSUPPORTED)
+        if train_dataset is not None and is_vision_example(next(iter(train_dataset))):
+            raise ValueError("EntroDPOTrainer does not support vision datasets (rows with 'image' / 'images').")
+        processing_class = resolve_tokenizer(model, processing_class, args, "EntroDPOTrainer")
+        if data_collator is None:
+            data_collator = DataCollatorForMultiTurnPreference(
+                pad_token_id=processing_class.pad_token_id,
+                max_length=args.max_length,
+                truncation_mode=args.truncation_mode,
+                pad_to_multiple_of=args.pad_to_multiple_of,
+            )
+        elif data_collator is not None and args.assistant_only:
+            logger.warning(
+                "A custom data_collator was passed with assistant_only=True: assistant-only masks are applied only "
+                "when the collator turns the rows' 'chosen_assistant_mask' / 'rejected_assistant_mask' into "
+                "'completion_mask' (as DataCollatorForMultiTurnPreference does)."
+            )
+        self.alpha = args.effective_alpha
+        self.entropo_beta = args.beta
+        super().__init__(
+            model,
+            ref_model=ref_model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+        )
+        # The sigmoid's coefficient is α; reference log-probs are scaled by β/α in `compute_loss`.
+        self.beta = self.alpha
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Dataset preparation: multi-turn conversational rows get assistant-only masks
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def _uses_assistant_masks(self, dataset, args) -> bool:
+        first = next(iter(dataset))
+        if "prompt_ids" in first:  # already tokenized
+            return False
+        return bool(getattr(args, "assistant_only", False)) and is_conversational(first)
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        if not self._uses_assistant_masks(dataset, args):
+            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        tokenizer = processing_class
+        map_kwargs: dict[str, Any] = {}
+        if isinstance(dataset, Dataset):
+            map_kwargs["num_proc"] = args.dataset_num_proc
+        with global_then_local_main_first():
+            first = next(iter(dataset))
+            if "prompt" not in first:
+                for key in ("chosen", "rejected"):
+                    if key not in first:
+                        raise ValueError(f"{dataset_name} dataset has no '{key}' column")
+                if isinstance(dataset, Dataset):
+                    map_kwargs["desc"] = f"Extracting prompt from {dataset_name} dataset"
+                dataset = dataset.map(extract_prompt, **map_kwargs)
+
+            def tokenize(example, index):
+                chosen = tokenize_row_completion(tokenizer, example, "chosen", dataset_name, index)
+                rejected = tokenize_row_completion(tokenizer, example, "rejected", dataset_name, index)
+                # Both share the prompt's rendering; a token merged across the prompt boundary moves to the completion.
+                prompt_len = common_prefix_length(chosen["prompt_ids"], rejected["prompt_ids"])
+                out = {"prompt_ids": chosen["prompt_ids"][:prompt_len]}
+                for key, tokens in (("chosen", chosen), ("rejected", rejected)):
+                    moved = tokens["prompt_ids"][prompt_len:]
+                    out[f"{key}_ids"] = moved + tokens["completion_ids"]
+                    out[f"{key}_assistant_mask"] = [0] * len(moved) + tokens["completion_mask"]
+                return out
+
+            if isinstance(dataset, Dataset):
+                map_kwargs["desc"] = f"Tokenizing {dataset_name} dataset with assistant-only masks"
+            dataset = dataset.map(tokenize, with_indices=True, **map_kwargs)
+            if args.max_length is not None and args.truncation_mode == "keep_start":
+                before = len(dataset) if isinstance(dataset, Dataset) else None
+                if isinstance(dataset, Dataset):
+                    map_kwargs["desc"] = f"Dropping fully truncated examples from {dataset_name} dataset"
+                dataset = dataset.filter(lambda ex: len(ex["prompt_ids"]) < args.max_length, **map_kwargs)
+                if before is not None and len(dataset) < before:
+                    logger.warning(
+                        f"Dropped {before - len(dataset)} of {before} {dataset_name} rows whose prompt alone fills "
+                        f"max_length={args.max_length}: they have no completion token left to train on."
+                    )
+        return dataset
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            super()._set_signature_columns_if_needed()
+            self._signature_columns = list(self._signature_columns) + list(MASK_COLUMNS)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Loss: α in the sigmoid, reference log-probs scaled by β/α at use time, then TRL's own loss
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        inputs = dict(inputs)
+        if "ref_chosen_logps" in inputs and "ref_rejected_logps" in inputs:
+            ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]  # cached, unscaled
+        else:
+            reference = self.ref_model if self.ref_model is not None else self.model
+            ref_chosen, ref_rejected = self.compute_ref_log_probs(reference, inputs)
+        scale = self.entropo_beta / self.alpha  # eq. (6): β·ref = α·((β/α)·ref)
+        device = inputs["input_ids"].device
+        inputs["ref_chosen_logps"] = ref_chosen.to(device) * scale
+        inputs["ref_rejected_logps"] = ref_rejected.to(device) * scale
+        with swapped_attributes(self, precompute_ref_logps=True, beta=self.alpha):
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        self._metrics[mode]["entropo/alpha"].append(self.alpha)
+        return result
