@@ -84,6 +84,12 @@ def tokenize_row_completion(
         raise row_error(dataset_name, index, key, str(error)) from error
 
 
+def _shorter_than(example, max_length):
+    """Keep rows whose prompt leaves room for completion tokens (a module-level function, so the dataset fingerprint
+    depends on `max_length` only and cached reference log-probs survive changes to unrelated arguments)."""
+    return len(example["prompt_ids"]) < max_length
+
+
 def _masks_tensor(examples, prompt_key, mask_key, max_length, keep_end, pad_to_multiple_of) -> torch.Tensor:
     masks = [[0] * len(example[prompt_key]) + list(example[mask_key]) for example in examples]
     if max_length is not None:

@@ -27,6 +27,7 @@ from trl.trainer.utils import global_then_local_main_first
 from ._common import (
     ENTROPO_PAPER,
     _masks_tensor,
+    _shorter_than,
     is_vision_example,
     resolve_tokenizer,
     swapped_attributes,
@@ -189,7 +190,7 @@ class EntroDPOTrainer(DPOTrainer):
                 before = len(dataset) if isinstance(dataset, Dataset) else None
                 if isinstance(dataset, Dataset):
                     map_kwargs["desc"] = f"Dropping fully truncated examples from {dataset_name} dataset"
-                dataset = dataset.filter(lambda ex: len(ex["prompt_ids"]) < args.max_length, **map_kwargs)
+                dataset = dataset.filter(_shorter_than, fn_kwargs={"max_length": args.max_length}, **map_kwargs)
                 if before is not None and len(dataset) < before:
                     logger.warning(
                         f"Dropped {before - len(dataset)} of {before} {dataset_name} rows whose prompt alone fills "

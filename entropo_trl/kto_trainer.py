@@ -29,6 +29,7 @@ from trl.trainer.utils import global_then_local_main_first
 from ._common import (
     ENTROPO_PAPER,
     _masks_tensor,
+    _shorter_than,
     is_vision_example,
     resolve_tokenizer,
     row_error,
@@ -188,7 +189,7 @@ class EntroKTOTrainer(KTOTrainer):
             if args.max_length is not None:
                 before = len(dataset) if isinstance(dataset, Dataset) else None
                 describe("Dropping fully truncated examples from")
-                dataset = dataset.filter(lambda ex: len(ex["prompt_ids"]) < args.max_length, **map_kwargs)
+                dataset = dataset.filter(_shorter_than, fn_kwargs={"max_length": args.max_length}, **map_kwargs)
                 if before is not None and len(dataset) < before:
                     logger.warning(
                         f"Dropped {before - len(dataset)} of {before} {dataset_name} rows whose prompt alone fills "

@@ -139,3 +139,30 @@ def multi_turn_kto_rows(n=4, seed=0, turns=3, words=12):
     return [
         {"prompt": prompt_of(rng), "completion": trajectory(rng, turns, words), "label": i % 2 == 0} for i in range(n)
     ]
+
+
+def manual_logps(model, input_ids, attention_mask, completion_mask):
+    """Σ log π(token) over the positions where `completion_mask` is 1, from full logits (independent of TRL)."""
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+    per_token = logits[:, :-1].log_softmax(-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    return (per_token * completion_mask[:, 1:]).sum(-1)
+
+
+def swesmith_rows(max_chars=8000):
+    """Real trajectories cut after the last assistant turn that fits in `max_chars` of completion (at least one
+    assistant turn is kept): a tiny model on CPU cannot attend over the full 60-200k characters."""
+    rows = []
+    for record in load_swesmith():
+        messages = record["messages"]
+        prompt, rest = messages[:2], messages[2:]
+        assistant_ends = [i + 1 for i, m in enumerate(rest) if m["role"] == "assistant"]
+        total, end = 0, assistant_ends[0]
+        for i, message in enumerate(rest):
+            total += len(message["content"])
+            if total > max_chars:
+                break
+            if message["role"] == "assistant":
+                end = max(end, i + 1)
+        rows.append({"instance_id": record["instance_id"], "prompt": prompt, "completion": rest[:end]})
+    return rows
