@@ -5,9 +5,9 @@ import torch
 from datasets import Dataset
 from trl import KTOConfig, KTOTrainer
 
-from entropo_trl import EntroKTOConfig, EntroKTOTrainer
+from entropo_trl import EntroKTOConfig, EntroKTOTrainer, assistant_token_mask, entropo_kto_loss, entropo_kto_z0
 
-from conftest import load_model, multi_turn_kto_rows, perturbed, training_kwargs
+from conftest import load_model, manual_logps, multi_turn_kto_rows, perturbed, training_kwargs
 
 
 def single_turn_kto_rows(n=4, seed=0):
@@ -69,3 +69,221 @@ def test_matches_trl_kto_with_clamp_at_alpha_equal_beta(tiny_model_dir, tokenize
     assert moved > 1e-4
     for key in ("rewards/chosen", "rewards/rejected", "kl", "entropy"):
         assert ours_log[key] == pytest.approx(trl_log[key], abs=1e-5), key
+
+
+def _trainer(model, ref, tokenizer, rows, out, **config):
+    args = EntroKTOConfig(**training_kwargs(out, **config))
+    return EntroKTOTrainer(
+        model=model, ref_model=ref, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
+    )
+
+
+def _kl_batch_manual(trainer, policy, ref, alpha, beta):
+    batch = next(iter(trainer.get_train_dataloader()))
+    kl = manual_logps(policy, batch["KL_input_ids"], batch["KL_attention_mask"], batch["KL_completion_mask"])
+    ref_kl = manual_logps(ref, batch["KL_input_ids"], batch["KL_attention_mask"], batch["KL_completion_mask"])
+    logps = manual_logps(policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+    ref_logps = manual_logps(ref, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+    return batch, kl, ref_kl, logps, ref_logps
+
+
+@pytest.mark.parametrize("weights", [(1.0, 0.0), (0.0, 1.0)], ids=["desirable", "undesirable"])
+def test_unclamped_default_keeps_gradients_on_long_trajectories(tiny_model_dir, tokenizer, tmp_path, weights):
+    """alpha=0.11, beta=0.1, trajectories of a few hundred assistant tokens: the default (no clamp) gives non-zero
+    gradients for desirable and for undesirable examples; clamping z0 at 0 makes them vanish."""
+    base = load_model(tiny_model_dir)
+    rows = multi_turn_kto_rows(4, turns=4, words=40)
+    grad_norms = {}
+    for clamp in (False, True):
+        trainer = _trainer(
+            perturbed(base, scale=0.01), load_model(tiny_model_dir), tokenizer, rows, tmp_path / str(clamp),
+            alpha=0.11, z0_clamp=clamp, per_device_train_batch_size=4,
+            desirable_weight=weights[0], undesirable_weight=weights[1],
+        )
+        batch = next(iter(trainer.get_train_dataloader()))
+        assert int(batch["completion_mask"].sum(1).min()) > 200, "trajectories must have a few hundred assistant tokens"
+        trainer.model.train()
+        loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        grad_norms[clamp] = torch.sqrt(sum((p.grad**2).sum() for p in trainer.model.parameters() if p.grad is not None))
+        z0 = trainer._metrics["train"]["entropo/z0"][-1]
+        if clamp:
+            assert z0 == 0.0
+        else:
+            assert z0 < -10, "z0 should be the large negative unclamped mean"
+    assert grad_norms[False] > 1e-3
+    assert grad_norms[True] < 1e-3 * grad_norms[False]
+
+
+def test_logged_z0_is_the_unclamped_mean_of_the_kl_samples(tiny_model_dir, tokenizer, tmp_path):
+    base = load_model(tiny_model_dir)
+    alpha, beta = 0.11, 0.1
+    trainer = _trainer(
+        perturbed(base), load_model(tiny_model_dir), tokenizer, multi_turn_kto_rows(4, turns=3, words=30),
+        tmp_path, alpha=alpha, per_device_train_batch_size=4,
+    )
+    batch, kl, ref_kl, logps, ref_logps = _kl_batch_manual(trainer, perturbed(base), base, alpha, beta)
+    trainer.train()
+    log = _first_log(trainer)
+    expected_z0 = (kl - beta / alpha * ref_kl).mean().item()
+    assert expected_z0 < -1
+    assert log["entropo/z0"] == pytest.approx(expected_z0, abs=1e-3)
+    assert log["kl"] == pytest.approx(expected_z0, abs=1e-3)
+    losses, rewards = entropo_kto_loss(logps, ref_logps, batch["label"], expected_z0, alpha=alpha, beta=beta)
+    assert log["loss"] == pytest.approx(losses.mean().item(), abs=1e-4)
+    labels = batch["label"].bool()
+    assert log["rewards/chosen"] == pytest.approx(rewards[labels].mean().item(), abs=1e-3)
+    assert log["rewards/rejected"] == pytest.approx(rewards[~labels].mean().item(), abs=1e-3)
+
+
+def test_reference_code_variant_matches_the_authors_formula(tiny_model_dir, tokenizer, tmp_path):
+    base = load_model(tiny_model_dir)
+    alpha, beta = 0.105, 0.1
+    # a strongly moved reference gives a positive z (the authors clamp it at 0)
+    trainer = _trainer(
+        load_model(tiny_model_dir), perturbed(base, scale=0.6), tokenizer, multi_turn_kto_rows(4), tmp_path,
+        alpha=alpha, kto_variant="reference_code", per_device_train_batch_size=4,
+    )
+    ref = perturbed(base, scale=0.6)
+    batch, kl, ref_kl, logps, ref_logps = _kl_batch_manual(trainer, base, ref, alpha, beta)
+    trainer.train()
+    log = _first_log(trainer)
+    z = entropo_kto_z0(kl, ref_kl, alpha=alpha, beta=beta, variant="reference_code")
+    assert z.item() > 0.1
+    assert log["entropo/z0"] == pytest.approx(z.item(), abs=1e-3)
+    losses, _ = entropo_kto_loss(logps, ref_logps, batch["label"], z, alpha=alpha, beta=beta, variant="reference_code")
+    assert log["loss"] == pytest.approx(losses.mean().item(), abs=1e-4)
+
+
+def test_real_trajectories_logps_are_assistant_token_sums(tmp_path):
+    from conftest import swesmith_rows
+    from entropo_trl.testing import build_tiny_model, build_tiny_tokenizer
+
+    rows = [{**row, "label": i != 1} for i, row in enumerate(swesmith_rows())]
+    corpus = [m["content"] for row in rows for m in row["prompt"] + row["completion"]]
+    tokenizer = build_tiny_tokenizer("qwen3", corpus=corpus, vocab_size=4000)
+    build_tiny_model(tokenizer).save_pretrained(tmp_path / "base")
+    base = load_model(tmp_path / "base")
+    trainer = _trainer(
+        perturbed(base), load_model(tmp_path / "base"), tokenizer,
+        [{k: r[k] for k in ("prompt", "completion", "label")} for r in rows], tmp_path / "out",
+        alpha=0.11, per_device_train_batch_size=3,
+    )
+    batch, kl, ref_kl, logps, ref_logps = _kl_batch_manual(trainer, perturbed(base), base, 0.11, 0.1)
+    for i, row in enumerate(rows):
+        ids, mask = assistant_token_mask(tokenizer, row["prompt"] + row["completion"])
+        n = int(batch["attention_mask"][i].sum())
+        assert batch["input_ids"][i, :n].tolist() == ids and batch["completion_mask"][i, :n].tolist() == mask
+    trainer.train()
+    log = _first_log(trainer)
+    labels = batch["label"].bool()
+    assert log["logps/chosen"] == pytest.approx(logps[labels].mean().item(), abs=2e-3)
+    assert log["logps/rejected"] == pytest.approx(logps[~labels].mean().item(), abs=2e-3)
+    z0 = (kl - 0.1 / 0.11 * ref_kl).mean().item()
+    assert log["entropo/z0"] == pytest.approx(z0, abs=2e-3)
+
+
+def test_peft_lora_without_reference_model(tiny_model_dir, tokenizer, tmp_path):
+    from peft import LoraConfig
+
+    args = EntroKTOConfig(**training_kwargs(tmp_path, alpha=0.11, learning_rate=0.05, optim="adamw_torch"))
+    trainer = EntroKTOTrainer(
+        model=load_model(tiny_model_dir), args=args, train_dataset=Dataset.from_list(multi_turn_kto_rows(4)),
+        processing_class=tokenizer, peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    )
+    assert trainer.ref_model is None
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    assert before and all(not torch.equal(before[n], after[n]) for n in before)
+    # adapter at zero on the first step: policy == reference, so z0 = (1 - beta/alpha) * mean logp(KL samples) < 0
+    assert _first_log(trainer)["entropo/z0"] < 0
+
+
+def test_precomputed_reference_is_reused_across_alphas(tiny_model_dir, tokenizer, tmp_path, monkeypatch):
+    base = load_model(tiny_model_dir)
+    Dataset.from_list(multi_turn_kto_rows(4)).save_to_disk(tmp_path / "data")
+    dataset = Dataset.load_from_disk(tmp_path / "data")
+    calls = {"n": 0}
+    original = EntroKTOTrainer.compute_ref_log_probs
+
+    def counting(self, model, inputs):
+        calls["n"] += 1
+        return original(self, model, inputs)
+
+    monkeypatch.setattr(EntroKTOTrainer, "compute_ref_log_probs", counting)
+    counts = []
+    for alpha in (0.1, 0.13):
+        calls["n"] = 0
+        args = EntroKTOConfig(**training_kwargs(tmp_path / str(alpha), alpha=alpha, precompute_ref_log_probs=True))
+        trainer = EntroKTOTrainer(
+            model=perturbed(base), ref_model=load_model(tiny_model_dir), args=args, train_dataset=dataset,
+            processing_class=tokenizer,
+        )
+        counts.append(calls["n"])
+        batch, kl, ref_kl, logps, ref_logps = _kl_batch_manual(trainer, perturbed(base), base, alpha, 0.1)
+        torch.testing.assert_close(batch["ref_logps"], ref_logps, atol=2e-3, rtol=0)  # cached unscaled
+        trainer.train()
+        assert calls["n"] == counts[-1], "the training step recomputed reference log-probs"
+        z0 = entropo_kto_z0(kl, ref_kl, alpha=alpha, beta=0.1)
+        losses, _ = entropo_kto_loss(logps, ref_logps, batch["label"], z0, alpha=alpha, beta=0.1)
+        assert _first_log(trainer)["loss"] == pytest.approx(losses.mean().item(), abs=1e-4)
+    assert counts[0] > 0 and counts[1] == 0, "the second run did not reuse the cache"
+
+
+@pytest.mark.parametrize("option, value", [("loss_type", "apo_zero_unpaired"), ("sync_ref_model", True)])
+def test_unsupported_options_raise_naming_them(option, value, tmp_path, tiny_model_dir, tokenizer):
+    with pytest.raises(ValueError, match=option):
+        EntroKTOConfig(**training_kwargs(tmp_path, **{option: value}))
+    args = EntroKTOConfig(**training_kwargs(tmp_path))
+    setattr(args, option, value)
+    with pytest.raises(ValueError, match=option):
+        EntroKTOTrainer(
+            model=load_model(tiny_model_dir), args=args, train_dataset=Dataset.from_list(single_turn_kto_rows(2)),
+            processing_class=tokenizer,
+        )
+
+
+def test_invalid_config_values_raise(tmp_path):
+    with pytest.raises(ValueError, match="kto_variant"):
+        EntroKTOConfig(**training_kwargs(tmp_path, kto_variant="authors"))
+    with pytest.raises(ValueError, match="alpha"):
+        EntroKTOConfig(**training_kwargs(tmp_path, alpha=-1.0))
+    with pytest.warns(UserWarning, match="alpha"):
+        EntroKTOConfig(**training_kwargs(tmp_path, alpha=0.09))
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda row: row.update(completion=[]), r"row 2, field 'completion': empty"),
+        (lambda row: row.update(completion=[{"role": "user", "content": "obs"}]), r"row 2, field 'completion'.*assistant"),
+        (lambda row: row.update(label=None), r"row 2, field 'label'"),
+    ],
+)
+def test_malformed_rows_raise_with_row_and_field(mutate, message, tiny_model_dir, tokenizer, tmp_path):
+    rows = multi_turn_kto_rows(4)
+    mutate(rows[2])
+    with pytest.raises(ValueError, match=message):
+        _trainer(load_model(tiny_model_dir), load_model(tiny_model_dir), tokenizer, rows, tmp_path)
+
+
+def test_missing_label_column_raises(tiny_model_dir, tokenizer, tmp_path):
+    rows = [{k: v for k, v in row.items() if k != "label"} for row in multi_turn_kto_rows(2)]
+    with pytest.raises(ValueError, match="label"):
+        _trainer(load_model(tiny_model_dir), load_model(tiny_model_dir), tokenizer, rows, tmp_path)
+
+
+def test_kl_samples_use_assistant_masks(tiny_model_dir, tokenizer, tmp_path):
+    trainer = _trainer(
+        load_model(tiny_model_dir), load_model(tiny_model_dir), tokenizer, multi_turn_kto_rows(4), tmp_path,
+        per_device_train_batch_size=4,
+    )
+    batch = next(iter(trainer.get_train_dataloader()))
+    # the KL sample of row i is row i-1's completion after row i's prompt, with row i-1's assistant mask
+    for i in range(4):
+        j = (i - 1) % 4
+        own = batch["completion_mask"][j].bool() & batch["attention_mask"][j].bool()
+        kl = batch["KL_completion_mask"][i].bool() & batch["KL_attention_mask"][i].bool()
+        assert batch["input_ids"][j][own].tolist() == batch["KL_input_ids"][i][kl].tolist()
+        assert 0 < int(kl.sum()) < int(batch["KL_attention_mask"][i].sum()) // 2
