@@ -150,11 +150,11 @@ class EntroDPOTrainer(DPOTrainer):
 
     def _uses_assistant_masks(self, dataset, args) -> bool:
         first = next(iter(dataset))
-        if "prompt_ids" in first:  # already tokenized
-            return False
         return bool(getattr(args, "assistant_only", False)) and is_conversational(first)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        if "prompt_ids" in next(iter(dataset)):
+            return dataset  # already tokenized (e.g. by a previous trainer or by data preparation)
         if not self._uses_assistant_masks(dataset, args):
             return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
         tokenizer = processing_class

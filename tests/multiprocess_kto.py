@@ -43,6 +43,10 @@ def main(workdir: str) -> None:
     logged = next(entry for entry in trainer.state.log_history if "entropo/z0" in entry)["entropo/z0"]
     world = trainer.accelerator.num_processes
     (workdir / f"rank{rank}.json").write_text(json.dumps({"local_z0": local_z0, "logged_z0": logged, "world": world}))
+    # Tear the process group down before exit: a gloo group left to the interpreter's shutdown can abort the process
+    # ("terminate called without an active exception").
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
