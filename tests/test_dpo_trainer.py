@@ -240,3 +240,26 @@ def test_missing_column_raises(tiny_model_dir, tokenizer, tmp_path):
             model=load_model(tiny_model_dir), args=EntroDPOConfig(**training_kwargs(tmp_path)),
             train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
         )
+
+
+def test_prepared_dataset_is_accepted_as_is(tiny_model_dir, tokenizer, tmp_path):
+    """A dataset one trainer already tokenized (with assistant masks) can be handed to another trainer unchanged, e.g.
+    to sweep alpha without tokenizing the trajectories again."""
+    rows = multi_turn_pairs(3)
+    first = EntroDPOTrainer(
+        model=load_model(tiny_model_dir), ref_model=load_model(tiny_model_dir),
+        args=EntroDPOConfig(**training_kwargs(tmp_path / "a")), train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+    )
+    prepared = first.train_dataset
+    assert {"prompt_ids", "chosen_ids", "chosen_assistant_mask"} <= set(prepared.column_names)
+    second = EntroDPOTrainer(
+        model=load_model(tiny_model_dir), ref_model=load_model(tiny_model_dir),
+        args=EntroDPOConfig(**training_kwargs(tmp_path / "b", alpha=0.12)), train_dataset=prepared,
+        processing_class=tokenizer,
+    )
+    assert second.train_dataset[:] == prepared[:]
+    batch = _batch(second, [0, 1])
+    assert "chosen_assistant_mask" not in batch  # folded into the completion mask by the collator
+    second.train()
+    assert second.state.global_step == 1
