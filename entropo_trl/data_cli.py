@@ -1,0 +1,219 @@
+"""`entropo-data`: trajectory pools to SFT / DPO / KTO / verifier datasets, and LLaMA-Factory ShareGPT export/import.
+
+    entropo-data kto --input pool.jsonl --output data/kto            # a `datasets` dataset (save_to_disk)
+    entropo-data dpo --input a.jsonl b.jsonl --policy authors --output pairs.jsonl
+    entropo-data sft --input swesmith.jsonl --tokenizer Qwen/Qwen3-4B-Instruct-2507 --max_tokens 18000 \\
+        --push_to_hub me/entropo-sft
+    entropo-data sharegpt-export --input pairs.jsonl --output llamafactory/pairs.json --name entropo_dpo
+
+The scripts in `data_prep/` call the same commands. Each prints a summary: rows, skips by reason, token-length
+percentiles (with `--tokenizer`; character lengths otherwise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from .data import Rows, build_dpo_pairs, build_kto_rows, build_sft_rows, build_verifier_rows
+from .sharegpt import export_sharegpt, import_sharegpt, sharegpt_dataset_info
+from .trajectory import FORMATS, ReadStats, read_trajectories
+from .truncation import count_tokens
+
+
+def _progress(iterable: Iterable, description: str) -> Iterable:
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        return iterable
+    return tqdm(iterable, desc=description, unit=" rows", disable=os.environ.get("TQDM_DISABLE") == "1")
+
+
+def _row_messages(row: dict[str, Any]) -> list[dict[str, Any]]:
+    if "messages" in row:
+        return row["messages"]
+    if "chosen" in row:
+        return row["prompt"] + row["chosen"]
+    return row["prompt"] + row["completion"]
+
+
+def percentiles(values: list[int], points=(50, 90, 99, 100)) -> dict[str, int]:
+    """Nearest-rank percentiles (`p100` is the maximum)."""
+    if not values:
+        return {}
+    ordered = sorted(values)
+    out = {}
+    for p in points:
+        rank = max(1, -(-p * len(ordered) // 100))  # ceil(p/100 * n)
+        out[f"p{p}"] = ordered[min(rank, len(ordered)) - 1]
+    return out
+
+
+def write_rows(rows: Iterable[dict[str, Any]], output: str | None, push_to_hub: str | None, tokenizer=None,
+               description: str = "writing") -> dict[str, Any]:
+    """Stream rows to `output` (`.jsonl` / `.json` file, or a `datasets` folder) and/or the Hub; returns lengths."""
+    if output is None and push_to_hub is None:
+        raise SystemExit("nothing to do: give --output PATH and/or --push_to_hub REPO")
+    lengths: list[int] = []
+    jsonl_target = output is not None and output.endswith((".jsonl", ".json"))
+    workdir = None
+    if jsonl_target:
+        path = Path(output)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+    else:
+        workdir = tempfile.mkdtemp(prefix="entropo-data-")
+        partial = Path(workdir) / "rows.jsonl"
+    count = 0
+    with open(partial, "w", encoding="utf-8") as handle:
+        for row in _progress(rows, description):
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            messages = _row_messages(row)
+            lengths.append(count_tokens(tokenizer, messages) if tokenizer is not None
+                           else sum(len(m["content"]) for m in messages))
+            count += 1
+    if jsonl_target:
+        os.replace(partial, output)  # the finished file appears at once; an interrupted run leaves only .partial
+    if not jsonl_target or push_to_hub:
+        from datasets import Dataset
+
+        source = output if jsonl_target else str(partial)
+        dataset = Dataset.from_json(source) if count else Dataset.from_list([])
+        if output is not None and not jsonl_target:
+            dataset.save_to_disk(output)
+        if push_to_hub:
+            dataset.push_to_hub(push_to_hub)
+    return {"rows": count, "lengths": lengths, "unit": "tokens" if tokenizer is not None else "characters"}
+
+
+def _load_tokenizer(name: str | None):
+    if name is None:
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name)
+
+
+def _summary(kind: str, read: ReadStats | None, stats, written: dict[str, Any], output, push) -> str:
+    lines = [f"[entropo-data {kind}]"]
+    if read is not None:
+        lines.append(f"  read: {read.summary()}")
+    if stats is not None:
+        lines.append(f"  built: {stats.summary()}")
+        for key, value in stats.extra.items():
+            lines.append(f"  {key}: {value}")
+    lines.append(f"  rows written: {written['rows']}")
+    if written["lengths"]:
+        lines.append(f"  {written['unit']} per row: {percentiles(written['lengths'])}")
+    if output:
+        lines.append(f"  output: {output}")
+    if push:
+        lines.append(f"  pushed to the Hub: {push}")
+    return "\n".join(lines)
+
+
+def _read_json_rows(paths: list[str]) -> Iterator[dict[str, Any]]:
+    for path in paths:
+        with open(path, encoding="utf-8") as handle:
+            if path.endswith(".json") and handle.read(1) == "[":
+                handle.seek(0)
+                yield from json.load(handle)
+                continue
+            handle.seek(0)
+            for number, line in enumerate(handle, 1):
+                if line.strip():
+                    try:
+                        yield json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise SystemExit(f"{path}, line {number}: invalid JSON ({exc.msg})") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="entropo-data", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def common(sub, pool: bool = True):
+        sub.add_argument("--input", nargs="+", required=True, help="pool file(s) (JSONL)")
+        sub.add_argument("--output", help="a .jsonl / .json file, or a folder for a `datasets` dataset")
+        sub.add_argument("--push_to_hub", metavar="REPO", help="also push the dataset to this Hub repository")
+        if pool:
+            sub.add_argument("--format", choices=FORMATS, default="auto", help="pool layout (default: detected)")
+            sub.add_argument("--on_error", choices=["raise", "skip"], default="raise",
+                             help="malformed pool lines: stop with the file, line and field (default) or skip them, "
+                                  "counted by reason")
+            sub.add_argument("--source", help="override the trajectories' source (model / run name)")
+            sub.add_argument("--tokenizer", help="tokenizer (Hub id or folder) for token budgets and lengths")
+            sub.add_argument("--max_tokens", type=int, help="fit each trajectory into this many tokens "
+                             "(shortens observations, then middle turns; never the final assistant turn)")
+            sub.add_argument("--include_unfinished", action="store_true",
+                             help="also use trajectories whose last turn did not call finish/submit")
+
+    sft = commands.add_parser("sft", help="SFT rows ({'messages'})")
+    common(sft)
+    sft.add_argument("--require_success", action="store_true", help="keep passing trajectories only")
+    dpo = commands.add_parser("dpo", help="DPO pairs ({'prompt', 'chosen', 'rejected'})")
+    common(dpo)
+    dpo.add_argument("--policy", choices=["all", "authors"], default="all")
+    dpo.add_argument("--max_pairs_per_instance", type=int, default=4, help="cap for --policy all (0: no cap)")
+    dpo.add_argument("--seed", type=int, default=0)
+    kto = commands.add_parser("kto", help="KTO rows ({'prompt', 'completion', 'label'})")
+    common(kto)
+    verifier = commands.add_parser("verifier", help="verifier rows (judge conversations ending in a judgement)")
+    common(verifier)
+    verifier.set_defaults(max_tokens=60_000)
+    export = commands.add_parser("sharegpt-export", help="builder rows (JSONL) to LLaMA-Factory ShareGPT")
+    common(export, pool=False)
+    export.add_argument("--name", help="also write dataset_info.json beside the output with this dataset name")
+    imp = commands.add_parser("sharegpt-import", help="LLaMA-Factory ShareGPT rows to builder rows")
+    common(imp, pool=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command in ("sharegpt-export", "sharegpt-import"):
+        rows = list(_read_json_rows(args.input))
+        converted = list(export_sharegpt(rows) if args.command == "sharegpt-export" else import_sharegpt(rows))
+        if args.command == "sharegpt-export" and args.output and args.output.endswith(".json"):
+            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.output).write_text(json.dumps(converted, ensure_ascii=False, indent=1), encoding="utf-8")
+            written = {"rows": len(converted), "lengths": [], "unit": "characters"}
+        else:
+            written = write_rows(converted, args.output, args.push_to_hub, description=args.command)
+        if args.command == "sharegpt-export" and args.name and args.output:
+            kind = "dpo" if rows and "chosen" in rows[0] else "kto" if rows and "label" in rows[0] else "sft"
+            info = Path(args.output).parent / "dataset_info.json"
+            entries = json.loads(info.read_text()) if info.exists() else {}
+            entries.update(sharegpt_dataset_info(args.name, Path(args.output).name, kind))
+            info.write_text(json.dumps(entries, indent=2))
+        print(_summary(args.command, None, None, written, args.output, args.push_to_hub))
+        return 0
+
+    tokenizer = _load_tokenizer(args.tokenizer)
+    read = ReadStats()
+    trajectories = read_trajectories(args.input, args.format, on_error=args.on_error, stats=read, source=args.source)
+    finished_only = not args.include_unfinished
+    if args.command == "sft":
+        rows: Rows = build_sft_rows(trajectories, args.require_success, finished_only=finished_only,
+                                    tokenizer=tokenizer, max_tokens=args.max_tokens)
+    elif args.command == "dpo":
+        rows = build_dpo_pairs(trajectories, args.policy, args.max_pairs_per_instance or None, args.seed,
+                               finished_only=finished_only, tokenizer=tokenizer, max_tokens=args.max_tokens)
+    elif args.command == "kto":
+        rows = build_kto_rows(trajectories, finished_only, tokenizer=tokenizer, max_tokens=args.max_tokens)
+    else:
+        rows = build_verifier_rows(trajectories, tokenizer, args.max_tokens, finished_only=finished_only)
+    written = write_rows(rows, args.output, args.push_to_hub, tokenizer, description=f"building {args.command}")
+    print(_summary(args.command, read, rows.stats, written, args.output, args.push_to_hub))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,553 @@
+"""Trajectory records: one agent episode, read from R2E-Gym, SWE-smith or this library's own JSONL pools, and
+appended to pools safely.
+
+A pool is a JSONL file, one trajectory a line. Pools are often several GB, so [`read_trajectories`] is a generator
+that holds one line at a time. Three layouts are understood, detected from a file's first record or forced with
+`format=`:
+
+- `"entropo"`: this library's own records (what [`write_trajectories`] and the rollout engine write), tagged
+  `"schema": "entropo-trajectory/1"`;
+- `"r2egym"`: the `Trajectory` pydantic dump of R2E-Gym (and of the EntroPO authors' fork): `history`,
+  `trajectory_steps`, `exit_reason`, `reward`, `output_patch`, `docker_image`, `ds`, `finished_score`, ...;
+- `"swesmith"`: SWE-smith / SWE-agent fine-tuning files, `{"instance_id", "messages"}`.
+
+Bad input never disappears: a malformed line raises [`TrajectoryFormatError`] naming the file, the line and the
+field, or, with `on_error="skip"`, is counted by reason in a [`ReadStats`] and reported when the file is done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+logger = logging.getLogger(__name__)
+
+SCHEMA = "entropo-trajectory/1"
+FORMATS = ("auto", "entropo", "r2egym", "swesmith")
+ROLES = ("system", "user", "assistant", "tool")
+# R2E-Gym appends this observation after a `finish` call; it is not part of what the model saw before acting.
+R2E_FINISHED_MARKER = "<<< Finished >>>"
+_FINISH_CALL = re.compile(r"<function\s*=\s*(finish|submit)\s*>")
+# `tool_calls` style finish (OpenAI function calling), for records whose assistant messages carry structured calls
+_FINISH_NAMES = ("finish", "submit")
+
+
+class TrajectoryFormatError(ValueError):
+    """A pool line that cannot be read as a trajectory; the message names the file, the line and the field."""
+
+    def __init__(self, message: str, *, path: str | os.PathLike | None = None, line: int | None = None,
+                 field: str | None = None, reason: str | None = None):
+        where = ", ".join(
+            part for part in (f"{path}" if path is not None else None, f"line {line}" if line is not None else None,
+                              f"field '{field}'" if field is not None else None) if part
+        )
+        super().__init__(f"{where}: {message}" if where else message)
+        self.detail, self.path, self.line, self.field = message, path, line, field
+        self.reason = reason or message
+
+    def located(self, path: str | os.PathLike, line: int) -> TrajectoryFormatError:
+        """The same error, naming the file and line."""
+        return TrajectoryFormatError(self.detail, path=path, line=line, field=self.field, reason=self.reason)
+
+
+@dataclass
+class Trajectory:
+    """One agent episode on one task instance.
+
+    Attributes:
+        instance_id: the task instance (SWE-bench style `owner__repo-1234`).
+        messages: the chat, `[{"role", "content"}]`: system prompt, issue, then assistant actions interleaved with
+            tool observations (as `user` or `tool` messages).
+        reward: the test oracle's reward, 1.0 when every FAIL_TO_PASS and PASS_TO_PASS test passes.
+        finished: the last assistant turn called `finish` / `submit` (the episode was not cut by a limit).
+        exit_reason: why the episode stopped (`"agent"`, `"max_step_limit"`, `"token_limit"`, `"llm_query_error"`...).
+        patch: the final `git diff` against the base commit.
+        num_steps: the number of assistant turns.
+        source: the model or run that produced the episode.
+        regression_pass_count: passing regression (PASS_TO_PASS) tests, when they were run.
+        reproduction_score: the reproduction-test score, when reproduction tests were run.
+        verifier_prob: the verifier's p(YES), when scored.
+        episode_id: a key unique within a pool (e.g. `"{instance_id}/{source}/{sample}"`), used to resume rollouts.
+        metadata: anything else worth keeping (docker image, base commit, timings...).
+    """
+
+    instance_id: str
+    messages: list[dict[str, Any]]
+    reward: float
+    finished: bool = False
+    exit_reason: str | None = None
+    patch: str = ""
+    num_steps: int = 0
+    source: str = ""
+    regression_pass_count: int | None = None
+    reproduction_score: float | None = None
+    verifier_prob: float | None = None
+    episode_id: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        """The oracle's verdict: reward 1 (every FAIL_TO_PASS and PASS_TO_PASS test passes)."""
+        return self.reward >= 1.0
+
+    @property
+    def prompt(self) -> list[dict[str, Any]]:
+        """The shared prompt: the messages up to and including the first user message (system prompt and issue)."""
+        return self.messages[: _prompt_length(self.messages)]
+
+    @property
+    def completion(self) -> list[dict[str, Any]]:
+        """Everything after the prompt: the agent's turns and the observations between them."""
+        return self.messages[_prompt_length(self.messages):]
+
+    @property
+    def issue(self) -> str:
+        """The first user message (the task statement)."""
+        return next((m["content"] for m in self.messages if m["role"] == "user"), "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": SCHEMA, **dataclasses.asdict(self)}
+
+
+def _prompt_length(messages: list[dict[str, Any]]) -> int:
+    for i, message in enumerate(messages):
+        if message.get("role") == "user":
+            return i + 1
+    return 0
+
+
+def last_turn_finished(messages: list[dict[str, Any]]) -> bool:
+    """Whether the last assistant turn calls `finish` / `submit` (text call format or structured `tool_calls`)."""
+    for message in reversed(messages):
+        if message.get("role") != "assistant":
+            continue
+        if _FINISH_CALL.search(message.get("content") or ""):
+            return True
+        calls = message.get("tool_calls") or []
+        return any(((call.get("function") or {}).get("name") in _FINISH_NAMES) for call in calls if isinstance(call, dict))
+    return False
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Validation shared by every format
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def validate_messages(messages: Any, field_name: str = "messages", require_assistant: bool = False
+                      ) -> list[dict[str, Any]]:
+    """Check a chat: a non-empty list of `{"role", "content"}` with known roles, string contents and a user message
+    (the issue); with `require_assistant`, also an assistant turn after it. Raises [`TrajectoryFormatError`] (without
+    file and line: the reader adds them). An episode that ended before its first action (e.g. R2E-Gym's
+    `llm_query_error`) is a valid record with no assistant turn; the dataset builders skip it, counted."""
+    if not isinstance(messages, list):
+        raise TrajectoryFormatError(f"expected a list of messages, got {type(messages).__name__}", field=field_name,
+                                    reason="messages not a list")
+    if not messages:
+        raise TrajectoryFormatError("no messages", field=field_name, reason="empty messages")
+    for i, message in enumerate(messages):
+        where = f"{field_name}[{i}]"
+        if not isinstance(message, dict):
+            raise TrajectoryFormatError(f"expected a message object, got {type(message).__name__}", field=where,
+                                        reason="message not an object")
+        if "role" not in message:
+            raise TrajectoryFormatError("message has no 'role'", field=f"{where}.role", reason="missing role")
+        if message["role"] not in ROLES:
+            raise TrajectoryFormatError(f"unknown role {message['role']!r} (expected one of {', '.join(ROLES)})",
+                                        field=f"{where}.role", reason="unknown role")
+        content = message.get("content")
+        if not isinstance(content, str):
+            if content is None and message["role"] == "assistant" and message.get("tool_calls"):
+                continue
+            raise TrajectoryFormatError(
+                f"content must be a string, got {type(content).__name__}", field=f"{where}.content",
+                reason="non-string content",
+            )
+    roles = [m["role"] for m in messages]
+    if "user" not in roles:
+        raise TrajectoryFormatError("no user message (the issue)", field=field_name, reason="no user turn")
+    if require_assistant and "assistant" not in roles[_prompt_length(messages):]:
+        raise TrajectoryFormatError("no assistant turn after the issue", field=field_name, reason="no assistant turn")
+    return messages
+
+
+def _float_or_none(value: Any, field_name: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TrajectoryFormatError(f"expected a finite number, got {value!r}", field=field_name,
+                                    reason=f"invalid {field_name}")
+    return float(value)
+
+
+def _reward(value: Any, field_name: str = "reward") -> float:
+    if value is None:
+        raise TrajectoryFormatError("reward is missing or null (episode not evaluated?)", field=field_name,
+                                    reason="missing reward")
+    reward = _float_or_none(value, field_name)
+    return reward
+
+
+def _string(value: Any, field_name: str, default: str = "") -> str:
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise TrajectoryFormatError(f"expected a string, got {type(value).__name__}", field=field_name,
+                                    reason=f"invalid {field_name}")
+    return value
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The three layouts
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def detect_format(record: dict[str, Any]) -> str:
+    """The layout of one JSON record: `"entropo"`, `"r2egym"` or `"swesmith"`."""
+    if record.get("schema") == SCHEMA:
+        return "entropo"
+    if "trajectory_steps" in record or "history" in record or "docker_image" in record:
+        return "r2egym"
+    if "messages" in record and "instance_id" in record:
+        return "swesmith"
+    raise TrajectoryFormatError(
+        "cannot tell the record's format: expected this library's records ('schema': "
+        f"'{SCHEMA}'), an R2E-Gym dump ('history', 'trajectory_steps', 'docker_image') or SWE-smith "
+        f"('instance_id', 'messages'); keys found: {sorted(record)[:12]}",
+        reason="unknown format",
+    )
+
+
+def from_entropo(record: dict[str, Any]) -> Trajectory:
+    known = {f.name for f in dataclasses.fields(Trajectory)}
+    unknown = set(record) - known - {"schema"}
+    if unknown:
+        raise TrajectoryFormatError(f"unknown fields {sorted(unknown)} for {SCHEMA}", field=sorted(unknown)[0],
+                                    reason="unknown field")
+    for name in ("instance_id", "messages", "reward"):
+        if name not in record:
+            raise TrajectoryFormatError(f"missing '{name}'", field=name, reason=f"missing {name}")
+    messages = validate_messages(record["messages"])
+    metadata = record.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise TrajectoryFormatError("expected an object", field="metadata", reason="invalid metadata")
+    finished = record.get("finished", last_turn_finished(messages))
+    if not isinstance(finished, bool):
+        raise TrajectoryFormatError(f"expected true/false, got {finished!r}", field="finished",
+                                    reason="invalid finished")
+    num_steps = record.get("num_steps")
+    if num_steps is None:
+        num_steps = sum(m["role"] == "assistant" for m in messages)
+    regression = record.get("regression_pass_count")
+    if regression is not None and (isinstance(regression, bool) or not isinstance(regression, int)):
+        raise TrajectoryFormatError(f"expected an integer, got {regression!r}", field="regression_pass_count",
+                                    reason="invalid regression_pass_count")
+    return Trajectory(
+        instance_id=_instance_id(record["instance_id"]),
+        messages=messages,
+        reward=_reward(record["reward"]),
+        finished=finished,
+        exit_reason=_string(record.get("exit_reason"), "exit_reason", default=None),
+        patch=_string(record.get("patch"), "patch"),
+        num_steps=int(num_steps),
+        source=_string(record.get("source"), "source"),
+        regression_pass_count=regression,
+        reproduction_score=_float_or_none(record.get("reproduction_score"), "reproduction_score"),
+        verifier_prob=_float_or_none(record.get("verifier_prob"), "verifier_prob"),
+        episode_id=_string(record.get("episode_id"), "episode_id", default=None),
+        metadata=metadata,
+    )
+
+
+def _instance_id(value: Any, field_name: str = "instance_id") -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise TrajectoryFormatError(f"expected a non-empty string, got {value!r}", field=field_name,
+                                    reason="invalid instance_id")
+    return value
+
+
+# R2E-Gym fields carried into `metadata` (small scalars); raw test logs are left out unless `keep_logs=True`.
+_R2E_METADATA = ("docker_image", "exp_name", "finished_score", "max_steps", "max_steps_absolute", "max_token_limit",
+                 "reward_calc_time", "problem_statement")
+_R2E_LOGS = ("test_output", "regression_test_output", "custom_test_outputs")
+_DS_METADATA = ("repo", "base_commit", "version", "FAIL_TO_PASS", "PASS_TO_PASS", "environment_setup_commit")
+_TEST_STATUS = re.compile(r"^(?:PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\s+(\S+)|^(\S+::\S+)\s+(PASSED|FAILED|ERROR)",
+                          re.MULTILINE)
+
+
+def count_passed_tests(test_output: str) -> int:
+    """Passing tests in a pytest log (`-rA` summary lines `PASSED test_id` or verbose `test_id PASSED`), each test id
+    counted once. Other frameworks' logs give 0 here; score them with the instance's own parser (swebench)."""
+    status: dict[str, str] = {}
+    for match in _TEST_STATUS.finditer(test_output):
+        if match.group(1):
+            status[match.group(1)] = match.group(0).split()[0]
+        else:
+            status[match.group(2)] = match.group(3)
+    return sum(s == "PASSED" for s in status.values())
+
+
+def from_r2egym(record: dict[str, Any], keep_logs: bool = False) -> Trajectory:
+    """An R2E-Gym `Trajectory` dump. `messages` is `history` (without the trailing `<<< Finished >>>` observation)."""
+    history = record.get("history")
+    if history is None:
+        raise TrajectoryFormatError(
+            "no 'history' (the chat messages): upstream R2E-Gym dumps store only `trajectory_steps`, without the "
+            "system and issue prompts; re-export with the EntroPO fork, which keeps `history`",
+            field="history", reason="missing history",
+        )
+    messages = list(history)
+    if messages and isinstance(messages[-1], dict) and messages[-1].get("role") in ("user", "tool") \
+            and (messages[-1].get("content") or "").strip() == R2E_FINISHED_MARKER:
+        messages = messages[:-1]
+    messages = validate_messages(messages, "history")
+    ds = record.get("ds") or {}
+    if not isinstance(ds, dict):
+        raise TrajectoryFormatError("expected an object", field="ds", reason="invalid ds")
+    if ds.get("instance_id"):
+        instance_id = _instance_id(ds["instance_id"], "ds.instance_id")
+    elif isinstance(record.get("docker_image"), str) and record["docker_image"]:
+        instance_id = record["docker_image"].rsplit(":", 1)[-1].split(".")[-1]  # sweb.eval.x86_64.<instance_id>
+    else:
+        raise TrajectoryFormatError("no instance id: neither 'ds.instance_id' nor 'docker_image' is set",
+                                    field="ds.instance_id", reason="missing instance_id")
+    if "reward" not in record:
+        raise TrajectoryFormatError("missing 'reward'", field="reward", reason="missing reward")
+    scores = record.get("reproduction_test_scores") or []
+    if not isinstance(scores, list) or not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores):
+        raise TrajectoryFormatError(f"expected a list of numbers, got {scores!r}", field="reproduction_test_scores",
+                                    reason="invalid reproduction_test_scores")
+    regression_output = record.get("regression_test_output")
+    metadata = {key: record[key] for key in _R2E_METADATA if record.get(key) is not None}
+    metadata.update({f"ds.{key}": ds[key] for key in _DS_METADATA if ds.get(key) is not None})
+    if keep_logs:
+        metadata.update({key: record[key] for key in _R2E_LOGS if record.get(key)})
+    return Trajectory(
+        instance_id=instance_id,
+        messages=messages,
+        reward=_reward(record["reward"]),
+        finished=last_turn_finished(messages),
+        exit_reason=_string(record.get("exit_reason"), "exit_reason", default=None),
+        patch=_string(record.get("output_patch"), "output_patch"),
+        num_steps=sum(m["role"] == "assistant" for m in messages),
+        source=_string(record.get("exp_name"), "exp_name"),
+        regression_pass_count=count_passed_tests(regression_output) if isinstance(regression_output, str) else None,
+        reproduction_score=float(sum(scores)) if scores else None,
+        verifier_prob=_float_or_none(record.get("verifier_prob"), "verifier_prob"),
+        metadata=metadata,
+    )
+
+
+def from_swesmith(record: dict[str, Any], default_reward: float = 1.0, source: str = "swe-smith") -> Trajectory:
+    """A SWE-smith / SWE-agent fine-tuning record `{"instance_id", "messages"}`. These files hold resolved
+    trajectories, so the reward is `default_reward` unless the record has its own `reward` or `resolved`."""
+    messages = validate_messages(record.get("messages"))
+    if "reward" in record:
+        reward = _reward(record["reward"])
+    elif "resolved" in record:
+        if not isinstance(record["resolved"], bool):
+            raise TrajectoryFormatError(f"expected true/false, got {record['resolved']!r}", field="resolved",
+                                        reason="invalid resolved")
+        reward = float(record["resolved"])
+    else:
+        reward = default_reward
+    finished = last_turn_finished(messages)
+    extra = {k: v for k, v in record.items() if k not in ("instance_id", "messages", "reward", "resolved", "patch")}
+    return Trajectory(
+        instance_id=_instance_id(record.get("instance_id")),
+        messages=messages,
+        reward=reward,
+        finished=finished,
+        exit_reason="submitted" if finished else None,
+        patch=_string(record.get("patch"), "patch"),
+        num_steps=sum(m["role"] == "assistant" for m in messages),
+        source=source,
+        metadata=extra,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reading and writing pools
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ReadStats:
+    """What a read saw: records read and lines skipped by reason (`on_error="skip"`), with their first locations."""
+
+    read: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    examples: dict[str, str] = field(default_factory=dict)  # reason -> first error message
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def skip(self, error: TrajectoryFormatError) -> None:
+        self.skipped[error.reason] += 1
+        self.examples.setdefault(error.reason, str(error))
+
+    def summary(self) -> str:
+        text = f"{self.read} trajectories read, {self.num_skipped} lines skipped"
+        if self.skipped:
+            text += ": " + "; ".join(f"{n} {reason} (first: {self.examples[reason]})"
+                                     for reason, n in self.skipped.most_common())
+        return text
+
+
+def _paths(path_or_paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
+    if isinstance(path_or_paths, (str, os.PathLike)):
+        return [Path(path_or_paths)]
+    return [Path(p) for p in path_or_paths]
+
+
+def _parse_line(raw: bytes, fmt: str, **options: Any) -> tuple[Trajectory, str]:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise TrajectoryFormatError(f"invalid UTF-8 at byte {exc.start}", reason="invalid UTF-8") from None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise TrajectoryFormatError(f"invalid JSON ({exc.msg} at column {exc.colno})", reason="invalid JSON") from None
+    if not isinstance(record, dict):
+        raise TrajectoryFormatError(f"expected a JSON object, got {type(record).__name__}", reason="not an object")
+    detected = detect_format(record) if fmt == "auto" else fmt
+    if detected == "entropo":
+        return from_entropo(record), detected
+    if detected == "r2egym":
+        return from_r2egym(record, keep_logs=options.get("keep_logs", False)), detected
+    return from_swesmith(record, default_reward=options.get("default_reward", 1.0),
+                         source=options.get("source") or "swe-smith"), detected
+
+
+def read_trajectories(
+    path_or_paths: str | os.PathLike | Iterable[str | os.PathLike],
+    format: str = "auto",
+    *,
+    on_error: str = "raise",
+    stats: ReadStats | None = None,
+    source: str | None = None,
+    default_reward: float = 1.0,
+    keep_logs: bool = False,
+) -> Iterator[Trajectory]:
+    """Stream [`Trajectory`] records from one or more JSONL pools, one line in memory at a time.
+
+    Args:
+        path_or_paths: a file or a list of files.
+        format: `"auto"` (detected per file from its first record), `"entropo"`, `"r2egym"` or `"swesmith"`.
+        on_error: `"raise"` (default) raises [`TrajectoryFormatError`] naming the file, line and field; `"skip"`
+            counts the line in `stats` by reason and goes on; a summary is logged at the end of each file.
+        stats: filled as the generator runs (records read, skips by reason).
+        source: overrides the records' `source` (e.g. the model name for SWE-smith files).
+        default_reward: reward of SWE-smith records that carry none (their released files hold resolved runs).
+        keep_logs: keep R2E-Gym's raw test logs in `metadata` (large).
+    """
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    stats = stats if stats is not None else ReadStats()
+    for path in _paths(path_or_paths):
+        if not path.exists():
+            raise FileNotFoundError(f"trajectory pool not found: {path}")
+        file_format = format
+        skipped_before = stats.num_skipped
+        with open(path, "rb") as handle:
+            line_number = 0
+            for raw in handle:
+                line_number += 1
+                if not raw.strip():
+                    continue
+                try:
+                    if not raw.endswith(b"\n") and handle.read(1) == b"":
+                        # the last line has no newline: complete JSON is accepted, a cut one is a killed writer's
+                        try:
+                            json.loads(raw)
+                        except (json.JSONDecodeError, UnicodeDecodeError):
+                            raise TrajectoryFormatError("truncated last line (the writer was killed mid-record?)",
+                                                        reason="truncated last line") from None
+                    trajectory, detected = _parse_line(raw, file_format, keep_logs=keep_logs,
+                                                       default_reward=default_reward, source=source)
+                except TrajectoryFormatError as exc:
+                    error = exc.located(path, line_number)
+                    if on_error == "raise":
+                        raise error from None
+                    stats.skip(error)
+                    continue
+                if file_format == "auto":
+                    file_format = detected  # later lines must follow the first record's layout
+                if source is not None:
+                    trajectory.source = source
+                stats.read += 1
+                yield trajectory
+        if stats.num_skipped > skipped_before:
+            logger.warning(f"{path}: skipped {stats.num_skipped - skipped_before} malformed lines; {stats.summary()}")
+
+
+def _repair_tail(path: Path) -> None:
+    """Cut a partial last line left by a writer killed mid-record (a crash below the process, e.g. power loss),
+    so the next record starts on a line of its own. The cut is logged, with its size."""
+    size = path.stat().st_size
+    if size == 0:
+        return
+    with open(path, "rb+") as handle:
+        handle.seek(size - 1)
+        if handle.read(1) == b"\n":
+            return
+        # find the last newline
+        position, block = size, 1 << 16
+        while position > 0:
+            start = max(0, position - block)
+            handle.seek(start)
+            chunk = handle.read(position - start)
+            index = chunk.rfind(b"\n")
+            if index >= 0:
+                keep = start + index + 1
+                break
+            position = start
+        else:
+            keep = 0
+        handle.truncate(keep)
+    logger.warning(f"{path}: removed a partial last record ({size - keep} bytes) left by an interrupted writer")
+
+
+def write_trajectories(path: str | os.PathLike, records: Iterable[Trajectory | dict[str, Any]], *,
+                       fsync: bool = False) -> int:
+    """Append records to a JSONL pool; returns how many were written.
+
+    Each record is serialised completely first and written with a single `write` on a file opened in append mode, so
+    a killed writer leaves whole lines only, and concurrent appenders do not interleave. A partial last line found on
+    opening (left by a crash below the process) is cut first and logged. `fsync=True` also forces each record to
+    disk."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        _repair_tail(path)
+    count = 0
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        for record in records:
+            if not isinstance(record, Trajectory):
+                record = from_entropo(record)  # validates a plain dict before it reaches the pool
+            data = record.to_dict()
+            line = (json.dumps(data, ensure_ascii=False) + "\n").encode("utf-8")
+            view = memoryview(line)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            if fsync:
+                os.fsync(fd)
+            count += 1
+    finally:
+        os.close(fd)
+    return count

@@ -1,0 +1,265 @@
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from entropo_trl.trajectory import (
+    ReadStats,
+    Trajectory,
+    TrajectoryFormatError,
+    read_trajectories,
+    write_trajectories,
+)
+
+
+FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+
+
+def _fixture(name):
+    path = FIXTURES / name
+    if not path.exists():
+        pytest.skip(f"real fixture {path} is absent (it lives in ../shared/fixtures beside the project)")
+    return path
+
+
+def traj(instance="inst-1", reward=1.0, turns=2, system="You are an agent.", issue="Fix the bug.", finished=True,
+         source="model-a", **extra):
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": issue}]
+    for t in range(turns):
+        last = t == turns - 1
+        call = "<function=finish>\n<parameter=command>submit</parameter>\n</function>" if last and finished else (
+            f"<function=execute_bash>\n<parameter=cmd>ls {t}</parameter>\n</function>")
+        messages.append({"role": "assistant", "content": f"step {t}\n{call}"})
+        if not last:
+            messages.append({"role": "user", "content": f"Exit code: 0\nfile_{t}.py\nSteps Remaining: {99 - t}"})
+    return Trajectory(instance_id=instance, messages=messages, reward=reward, finished=finished,
+                      num_steps=turns, source=source, **extra)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# real fixtures
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_swesmith_fixture_parses_as_finished_trajectories():
+    path = _fixture("swesmith_trajectories.jsonl")
+    records = list(read_trajectories(path))
+    raw = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(records) == len(raw) == 3
+    for record, original in zip(records, raw):
+        assert record.instance_id == original["instance_id"]
+        assert record.messages == original["messages"]
+        assert record.finished and record.reward == 1.0 and record.exit_reason == "submitted"
+        assert record.num_steps == sum(m["role"] == "assistant" for m in original["messages"])
+        assert 22 <= record.num_steps <= 44
+        assert record.prompt == original["messages"][:2]
+    assert sorted(r.num_steps for r in records) == [22, 37, 44]
+
+
+def test_r2egym_fixture_parses_with_real_prompts():
+    path = _fixture("r2egym_trajectories_qwen3coder.jsonl")
+    records = list(read_trajectories(path))
+    raw = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(records) == 3
+    for record, original in zip(records, raw):
+        assert record.exit_reason == "llm_query_error"
+        assert record.finished is False and record.reward == 0.0 and record.num_steps == 0
+        assert record.instance_id == original["ds"]["instance_id"]
+        assert record.source == original["exp_name"]
+        assert record.patch == original["output_patch"]
+        system, issue = record.messages
+        assert system["role"] == "system" and system["content"] == original["agent_args"]["system_prompt"]
+        assert system["content"].startswith("You are a programming agent")
+        assert issue["role"] == "user" and original["problem_statement"].strip()[:200] in issue["content"]
+        assert record.metadata["docker_image"] == original["docker_image"]
+        assert "test_output" not in record.metadata  # raw logs only with keep_logs=True
+    assert "test_output" in next(read_trajectories(path, keep_logs=True)).metadata
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# write / read round trip and safe appends
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_write_then_read_round_trips(tmp_path):
+    pool = tmp_path / "pool.jsonl"
+    records = [traj("a", 1.0, regression_pass_count=3, reproduction_score=2.0, verifier_prob=0.7,
+                    episode_id="a/0", metadata={"k": [1, 2]}),
+               traj("b", 0.0, finished=False, exit_reason="max_step_limit")]
+    assert write_trajectories(pool, records[:1]) == 1
+    assert write_trajectories(pool, records[1:]) == 1  # appends
+    assert list(read_trajectories(pool)) == records
+    assert list(read_trajectories(pool, format="entropo")) == records
+
+
+def test_plain_dicts_are_validated_before_writing(tmp_path):
+    with pytest.raises(TrajectoryFormatError, match="reward"):
+        write_trajectories(tmp_path / "pool.jsonl", [{"instance_id": "x", "messages": traj().messages}])
+    assert not (tmp_path / "pool.jsonl").exists() or (tmp_path / "pool.jsonl").read_text() == ""
+
+
+def test_partial_tail_is_cut_before_appending(tmp_path, caplog):
+    pool = tmp_path / "pool.jsonl"
+    write_trajectories(pool, [traj("a")])
+    with open(pool, "ab") as handle:
+        handle.write(b'{"schema": "entropo-trajectory/1", "instance_id": "half')
+    with pytest.raises(TrajectoryFormatError, match="line 2.*truncated last line"):
+        list(read_trajectories(pool))
+    stats = ReadStats()
+    assert [t.instance_id for t in read_trajectories(pool, on_error="skip", stats=stats)] == ["a"]
+    assert stats.skipped == {"truncated last line": 1}
+    write_trajectories(pool, [traj("b")])
+    assert "partial last record" in caplog.text
+    assert [t.instance_id for t in read_trajectories(pool)] == ["a", "b"]
+
+
+WRITER = """
+import sys
+from entropo_trl.trajectory import Trajectory, write_trajectories
+big = "x" * 2_000_000
+def records():
+    i = 0
+    while True:
+        yield Trajectory(instance_id=f"i{i}", reward=1.0, messages=[
+            {"role": "system", "content": "s"}, {"role": "user", "content": big},
+            {"role": "assistant", "content": "<function=finish>\\n</function>"}])
+        i += 1
+write_trajectories(sys.argv[1], records())
+"""
+
+
+def test_killed_writer_leaves_whole_lines(tmp_path):
+    pool = tmp_path / "pool.jsonl"
+    process = subprocess.Popen([sys.executable, "-c", WRITER, str(pool)])
+    deadline = time.time() + 60
+    while (not pool.exists() or pool.stat().st_size < 20_000_000) and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    records = list(read_trajectories(pool))  # raises on a half line
+    assert len(records) >= 10
+    assert pool.read_bytes().endswith(b"\n")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# malformed input: each case a clear error naming file, line and field, or a counted skip
+# ---------------------------------------------------------------------------------------------------------------------
+
+GOOD = traj("good").to_dict()
+
+
+def _entropo(**changes):
+    record = json.loads(json.dumps(GOOD))
+    for key, value in changes.items():
+        if value is _DELETE:
+            del record[key]
+        else:
+            record[key] = value
+    return json.dumps(record)
+
+
+_DELETE = object()
+MESSAGES = GOOD["messages"]
+R2E = {"trajectory_steps": [], "history": MESSAGES, "docker_image": "img.x86_64.repo__name-1", "exp_name": "run",
+       "exit_reason": "agent", "output_patch": "", "reward": 1.0, "ds": {"instance_id": "repo__name-1"}}
+
+MALFORMED = {
+    # name: (line content, field named in the error or None, reason counted)
+    "bad JSON": ('{"instance_id": "x", "messages": [', None, "invalid JSON"),
+    "not an object": ("[1, 2, 3]", None, "not an object"),
+    "unknown format": ('{"foo": 1}', None, "unknown format"),
+    "missing role": (_entropo(messages=[MESSAGES[0], {"content": "issue"}, MESSAGES[2]]), "messages[1].role",
+                     "missing role"),
+    "unknown role": (_entropo(messages=[MESSAGES[0], {"role": "robot", "content": "hi"}]), "messages[1].role",
+                     "unknown role"),
+    "empty messages": (_entropo(messages=[]), "messages", "empty messages"),
+    "messages not a list": (_entropo(messages="hello"), "messages", "messages not a list"),
+    "non-string content": (_entropo(messages=[MESSAGES[0], {"role": "user", "content": ["a", "b"]}]),
+                           "messages[1].content", "non-string content"),
+    "no user message": (_entropo(messages=[MESSAGES[0], MESSAGES[2]]), "messages", "no user turn"),
+    "NaN reward": (_entropo(reward=math.nan), "reward", "invalid reward"),
+    "string reward": (_entropo(reward="1"), "reward", "invalid reward"),
+    "missing reward": (_entropo(reward=_DELETE), "reward", "missing reward"),
+    "null reward": (_entropo(reward=None), "reward", "missing reward"),
+    "empty instance_id": (_entropo(instance_id=""), "instance_id", "invalid instance_id"),
+    "finished not a bool": (_entropo(finished="yes"), "finished", "invalid finished"),
+    "unknown field": (_entropo(rewrd=1.0), "rewrd", "unknown field"),
+    "R2E without history": (json.dumps({**R2E, "history": None}), "history", "missing history"),
+    "R2E without instance id": (json.dumps({**R2E, "ds": {}, "docker_image": ""}), "ds.instance_id",
+                                "missing instance_id"),
+    "R2E bad reproduction scores": (json.dumps({**R2E, "reproduction_test_scores": ["1"]}),
+                                    "reproduction_test_scores", "invalid reproduction_test_scores"),
+    "SWE-smith resolved not a bool": (json.dumps({"instance_id": "x", "messages": MESSAGES, "resolved": "yes"}),
+                                      "resolved", "invalid resolved"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MALFORMED))
+def test_malformed_line_raises_with_file_line_and_field(name, tmp_path):
+    content, field, reason = MALFORMED[name]
+    pool = tmp_path / "pool.jsonl"
+    # the bad record on line 3, after a blank line and a good record of the same layout (auto-detected from line 1)
+    first = json.dumps(R2E) if name.startswith("R2E") else json.dumps(
+        {"instance_id": "ok", "messages": MESSAGES}) if name.startswith("SWE-smith") else json.dumps(GOOD)
+    line, good = (1, 0) if name == "unknown format" else (3, 1)  # an undetectable first record: nothing to follow
+    pool.write_text(content + "\n" if line == 1 else first + "\n\n" + content + "\n")
+    with pytest.raises(TrajectoryFormatError) as info:
+        list(read_trajectories(pool))
+    message = str(info.value)
+    assert str(pool) in message and f"line {line}" in message, message
+    if field is not None:
+        assert f"field '{field}'" in message, message
+    assert info.value.reason == reason
+    stats = ReadStats()
+    assert len(list(read_trajectories(pool, on_error="skip", stats=stats))) == good
+    assert stats.skipped == {reason: 1} and stats.read == good
+    assert reason in stats.summary()
+
+
+def test_invalid_utf8_and_truncated_last_line(tmp_path):
+    pool = tmp_path / "pool.jsonl"
+    pool.write_bytes(json.dumps(GOOD).encode() + b"\n" + b'{"instance_id": "\xff\xfe"}\n' + json.dumps(GOOD).encode()
+                     + b"\n" + json.dumps(GOOD).encode()[:40])
+    with pytest.raises(TrajectoryFormatError, match=r"line 2: invalid UTF-8"):
+        list(read_trajectories(pool))
+    stats = ReadStats()
+    assert len(list(read_trajectories(pool, on_error="skip", stats=stats))) == 2
+    assert stats.skipped == {"invalid UTF-8": 1, "truncated last line": 1}
+
+
+def test_complete_last_line_without_newline_is_read(tmp_path):
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text(json.dumps(GOOD) + "\n" + json.dumps(GOOD))
+    assert len(list(read_trajectories(pool))) == 2
+
+
+def test_malformed_corpus_has_at_least_fifteen_cases():
+    assert len(MALFORMED) + 2 >= 15  # + invalid UTF-8 and truncated last line above
+
+
+def test_format_can_be_forced_and_is_checked(tmp_path):
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text(json.dumps({"instance_id": "x", "messages": MESSAGES}) + "\n")
+    assert next(read_trajectories(pool, format="swesmith", source="teacher")).source == "teacher"
+    with pytest.raises(TrajectoryFormatError, match="field 'reward': missing 'reward'"):
+        list(read_trajectories(pool, format="entropo"))
+    with pytest.raises(ValueError, match="format must be one of"):
+        list(read_trajectories(pool, format="csv"))
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        list(read_trajectories(tmp_path / "missing.jsonl"))
+
+
+def test_reading_streams(tmp_path):
+    pool = tmp_path / "pool.jsonl"
+    write_trajectories(pool, [traj(f"i{k}") for k in range(3)])
+    with open(pool, "a") as handle:
+        handle.write("not json\n")
+    stream = read_trajectories(pool)
+    assert next(stream).instance_id == "i0"  # records arrive before the bad line is reached
+    assert next(stream).instance_id == "i1"
