@@ -1,0 +1,91 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import pytest
+
+from entropo_trl.data_cli import main, percentiles
+from entropo_trl.trajectory import write_trajectories
+
+from test_data_builders import pool
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def pool_file(tmp_path):
+    path = tmp_path / "pool.jsonl"
+    write_trajectories(path, pool())
+    with open(path, "a") as handle:
+        handle.write("{not json\n")
+    return path
+
+
+def test_kto_to_a_datasets_folder_with_summary(pool_file, tmp_path, capsys):
+    with pytest.raises(Exception, match="line 18"):
+        main(["kto", "--input", str(pool_file), "--output", str(tmp_path / "kto")])
+    assert main(["kto", "--input", str(pool_file), "--output", str(tmp_path / "kto"), "--on_error", "skip"]) == 0
+    out = capsys.readouterr().out
+    dataset = datasets.load_from_disk(str(tmp_path / "kto"))
+    assert len(dataset) == 15 and sum(dataset["label"]) == 8
+    assert dataset[0]["prompt"][0]["role"] == "system"
+    assert "17 trajectories read, 1 lines skipped: 1 invalid JSON" in out
+    assert "1 not finished" in out and "1 no assistant turn" in out
+    assert "class_weights" in out and "rows written: 15" in out and "characters per row" in out
+
+
+def test_dpo_to_jsonl_with_token_lengths(pool_file, tmp_path, tokenizer, capsys):
+    tokenizer.save_pretrained(tmp_path / "tok")
+    out_file = tmp_path / "pairs.jsonl"
+    main(["dpo", "--input", str(pool_file), "--output", str(out_file), "--on_error", "skip", "--policy", "authors",
+          "--tokenizer", str(tmp_path / "tok"), "--max_tokens", "2000"])
+    rows = [json.loads(line) for line in out_file.read_text().splitlines()]
+    assert [r["instance_id"] for r in rows] == ["A", "A"]
+    out = capsys.readouterr().out
+    assert "tokens per row: {'p50'" in out and "authors policy: both passed" in out
+    assert not out_file.with_name("pairs.jsonl.partial").exists()
+
+
+def test_push_to_hub_is_called_with_the_repo(pool_file, tmp_path, monkeypatch, capsys):
+    pushed = []
+    monkeypatch.setattr(datasets.Dataset, "push_to_hub", lambda self, repo, **kw: pushed.append((repo, len(self))))
+    main(["sft", "--input", str(pool_file), "--on_error", "skip", "--push_to_hub", "me/entropo-sft"])
+    assert pushed == [("me/entropo-sft", 15)]
+    assert "pushed to the Hub: me/entropo-sft" in capsys.readouterr().out
+
+
+def test_sharegpt_export_import_round_trip_through_the_cli(pool_file, tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    main(["dpo", "--input", str(pool_file), "--output", str(pairs), "--on_error", "skip"])
+    exported = tmp_path / "lf" / "pairs.json"
+    main(["sharegpt-export", "--input", str(pairs), "--output", str(exported), "--name", "entropo_dpo"])
+    info = json.loads((tmp_path / "lf" / "dataset_info.json").read_text())
+    assert info["entropo_dpo"]["ranking"] is True and info["entropo_dpo"]["file_name"] == "pairs.json"
+    back = tmp_path / "back.jsonl"
+    main(["sharegpt-import", "--input", str(exported), "--output", str(back)])
+    assert back.read_text() == pairs.read_text()
+
+
+def test_verifier_rows_and_missing_output(pool_file, tmp_path):
+    main(["verifier", "--input", str(pool_file), "--output", str(tmp_path / "v.jsonl"), "--on_error", "skip"])
+    rows = [json.loads(line) for line in (tmp_path / "v.jsonl").read_text().splitlines()]
+    assert len(rows) == 15 and rows[0]["messages"][-1]["content"].startswith("<judgement>")
+    with pytest.raises(SystemExit, match="--output"):
+        main(["kto", "--input", str(pool_file), "--on_error", "skip"])
+
+
+def test_data_prep_script_runs(pool_file, tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "data_prep" / "build_kto.py"), "--input", str(pool_file),
+                             "--on_error", "skip", "--output", str(tmp_path / "k.jsonl")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "rows written: 15" in result.stdout
+
+
+def test_percentiles():
+    assert percentiles(list(range(1, 101))) == {"p50": 50, "p90": 90, "p99": 99, "p100": 100}
+    assert percentiles([7]) == {"p50": 7, "p90": 7, "p99": 7, "p100": 7}
+    assert percentiles([]) == {}
