@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import statistics
 import subprocess
 import sys
@@ -120,8 +119,18 @@ def time_part(steps: int, rounds: int, warmup: int) -> dict:
     }
 
 
-def _rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
+def _status_gib(field: str) -> float:
+    """A memory field of /proc/self/status (VmRSS: now, VmHWM: peak since the last reset), in GiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 2**20  # kB
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak() -> None:
+    """Reset the peak-RSS mark (Linux >= 4.0), so the peak measured is the step's own. ru_maxrss cannot be used: it
+    keeps the parent's high-water mark across fork + exec."""
+    Path("/proc/self/clear_refs").write_text("5")
 
 
 def memory_child(tokens: int, vocab: int) -> dict:
@@ -160,13 +169,15 @@ def memory_child(tokens: int, vocab: int) -> dict:
         args=args, train_dataset=Dataset.from_list([{"prompt": prompt, "chosen": chosen, "rejected": rejected}]),
         processing_class=tokenizer,
     )
-    before = _rss_gib()
+    _reset_peak()
+    before = _status_gib("VmRSS")
     start = time.perf_counter()
     trainer.train()
     log = next(entry for entry in trainer.state.log_history if "train_loss" in entry)
     return {
         "tokens_chosen": len(ids), "tokens_rejected": n_rejected, "assistant_tokens_chosen": sum(mask), "vocab": vocab,
-        "rss_before_step_gib": before, "peak_rss_gib": _rss_gib(), "step_growth_gib": _rss_gib() - before,
+        "rss_before_step_gib": before, "peak_rss_gib": _status_gib("VmHWM"),
+        "step_growth_gib": _status_gib("VmHWM") - before,
         "step_seconds": time.perf_counter() - start, "loss": log["train_loss"],
         "full_fp32_logits_one_sequence_gib": len(ids) * vocab * 4 / 2**30,
     }
@@ -188,7 +199,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=["all", "time", "memory", "memory-child"], default="all")
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--tokens", default="4096,16384", help="comma-separated trajectory lengths (memory part)")
     parser.add_argument("--vocab", type=int, default=151936)

@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 
@@ -175,27 +176,22 @@ def assistant_token_mask(
 
 
 def _tokenize_with_mask(tokenizer, messages, tools, chat_template, template_kwargs):
-    """(input_ids, mask, offsets) for the rendered conversation."""
+    """(input_ids, mask, token start offsets) for the rendered conversation."""
     text, spans = assistant_char_spans(tokenizer, messages, tools, chat_template=chat_template, **template_kwargs)
     if not getattr(tokenizer, "is_fast", False):
         raise TypeError(
             f"assistant_token_mask needs a fast tokenizer (character offsets); got {type(tokenizer).__name__}"
         )
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    input_ids = list(encoding["input_ids"])
-    offsets = [tuple(o) for o in encoding["offset_mapping"]]
-    mask = [0] * len(input_ids)
-    span_index = 0
-    for t, (tok_start, tok_end) in enumerate(offsets):
-        while span_index < len(spans) and spans[span_index][1] <= tok_start:
-            span_index += 1
-        if span_index == len(spans):
-            break
-        span_start, span_end = spans[span_index]
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, return_tensors="np")
+    input_ids = encoding["input_ids"][0].tolist()
+    starts = encoding["offset_mapping"][0][:, 0]  # token start characters, non-decreasing
+    mask = np.zeros(len(input_ids), dtype=np.int64)
+    for span_start, span_end in spans:
         # A token belongs to a turn when it starts inside it; a token that starts in the header and runs into the
         # content (a merge across the boundary) stays masked, so the header is never trained.
-        if span_start <= tok_start < span_end:
-            mask[t] = 1
+        lo, hi = np.searchsorted(starts, [span_start, span_end], side="left")
+        mask[lo:hi] = 1
+    mask, offsets = mask.tolist(), starts
     return input_ids, mask, offsets
 
 
@@ -230,7 +226,7 @@ def tokenize_prompt_completion(
     input_ids, mask, offsets = _tokenize_with_mask(tokenizer, messages, tools, chat_template, template_kwargs)
     prompt_text = _render(tokenizer, list(prompt), tools, True, chat_template, template_kwargs)
     # Tokens that start before the end of the prompt text belong to the prompt.
-    prompt_len = sum(1 for start, _ in offsets if start < len(prompt_text))
+    prompt_len = int(np.searchsorted(offsets, len(prompt_text), side="left"))
     if not any(mask[prompt_len:]):
         raise ValueError("the completion has no assistant tokens")
     return {
