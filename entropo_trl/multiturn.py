@@ -66,6 +66,38 @@ def _render(tokenizer, messages, tools, add_generation_prompt, chat_template, te
     )
 
 
+def _prefix_renderer(tokenizer, messages, tools, chat_template, template_kwargs, full: str):
+    """`render(n, add_generation_prompt)` -> the rendering of `messages[:n]`.
+
+    The prefix renders are most of the masking cost on long trajectories, and `apply_chat_template` spends about half
+    of each call normalising and copying the whole conversation again. Where transformers' `render_jinja_template`
+    (what `apply_chat_template` calls) reproduces the full rendering exactly, it is called directly on messages
+    normalised once; otherwise every prefix goes through `apply_chat_template`."""
+
+    def slow(n: int, add_generation_prompt: bool) -> str:
+        return _render(tokenizer, messages[:n], tools, add_generation_prompt, chat_template, template_kwargs)
+
+    try:
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        template = tokenizer.get_chat_template(chat_template, tools)
+        kwargs = {**tokenizer.special_tokens_map, **template_kwargs}
+        normalized = [{k: v for k, v in message.items() if v is not None} for message in messages]
+
+        def fast(n: int, add_generation_prompt: bool) -> str:
+            rendered, _ = render_jinja_template(
+                conversations=[normalized[:n]], tools=tools, chat_template=template,
+                add_generation_prompt=add_generation_prompt, **kwargs,
+            )
+            return rendered[0]
+
+        if fast(len(messages), False) == full:
+            return fast
+    except Exception:  # noqa: BLE001 - any mismatch in transformers' internals: take the public path
+        pass
+    return slow
+
+
 def _first_difference(a: str, b: str) -> int:
     n = min(len(a), len(b))
     for i in range(n):
@@ -119,14 +151,15 @@ def assistant_char_spans(
     _validate_messages(messages)
     full = _render(tokenizer, messages, tools, False, chat_template, template_kwargs)
     specials = _special_strings(tokenizer)
+    render = _prefix_renderer(tokenizer, messages, tools, chat_template, template_kwargs, full)
     spans: list[tuple[int, int]] = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
         if i == 0:
             raise ValueError("the conversation starts with an assistant turn: there is no prompt to condition it on")
-        pre = _render(tokenizer, messages[:i], tools, True, chat_template, template_kwargs)
-        post = _render(tokenizer, messages[: i + 1], tools, False, chat_template, template_kwargs)
+        pre = render(i, True)
+        post = render(i + 1, False)
         _check_prefix(full, pre, f"the first {i} messages (with the generation prompt)", tokenizer, chat_template)
         _check_prefix(full, post, f"the first {i + 1} messages", tokenizer, chat_template)
         start, end = len(pre), len(post)
@@ -182,9 +215,16 @@ def _tokenize_with_mask(tokenizer, messages, tools, chat_template, template_kwar
         raise TypeError(
             f"assistant_token_mask needs a fast tokenizer (character offsets); got {type(tokenizer).__name__}"
         )
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, return_tensors="np")
-    input_ids = encoding["input_ids"][0].tolist()
-    starts = encoding["offset_mapping"][0][:, 0]  # token start characters, non-decreasing
+    # The Rust tokenizer directly (what `tokenizer(text, add_special_tokens=False)` runs), without the wrapper's
+    # conversions of the offsets: on 30k-token trajectories they cost as much as the encoding itself.
+    backend = tokenizer.backend_tokenizer
+    if backend.truncation is None and backend.padding is None:
+        encoding = backend.encode(text, add_special_tokens=False)
+        input_ids, offsets = encoding.ids, encoding.offsets
+    else:  # a tokenizer saved with truncation / padding switched on: the wrapper switches them off per call
+        encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        input_ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
+    starts = np.fromiter((start for start, _ in offsets), dtype=np.int64, count=len(input_ids))
     mask = np.zeros(len(input_ids), dtype=np.int64)
     for span_start, span_end in spans:
         # A token belongs to a turn when it starts inside it; a token that starts in the header and runs into the

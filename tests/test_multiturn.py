@@ -129,3 +129,32 @@ def test_real_swesmith_trajectories():
         # observations dominate real trajectories; none of their tokens is trained
         assert 0 < sum(mask) < 0.5 * len(ids)
         assert contents[-1].rstrip().endswith("</function>") and "submit" in contents[-1]
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3", "glm4moe"])
+def test_fast_prefix_renders_and_backend_encoding_match_the_public_path(family, monkeypatch):
+    """The masks come out the same through transformers' public `apply_chat_template` for every prefix, and with a
+    tokenizer saved with truncation switched on (the Rust tokenizer is then not called directly)."""
+    import transformers.utils.chat_template_utils as ctu
+
+    tokenizer = build_tiny_tokenizer(family)
+    rng = random.Random(3)
+    messages = prompt_of(rng) + trajectory(rng, turns=4, words=30)
+    fast = assistant_token_mask(tokenizer, messages)
+    plain = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+    assert fast[0] == list(plain) and sum(fast[1]) > 0
+
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("simulated change in transformers' internals")
+
+    # `apply_chat_template` holds its own reference to the function, so only the direct prefix renders break
+    monkeypatch.setattr(ctu, "render_jinja_template", broken)
+    assert assistant_token_mask(tokenizer, messages) == fast
+    assert calls, "the direct renderer was not tried"
+    monkeypatch.undo()
+
+    tokenizer.backend_tokenizer.enable_truncation(max_length=16)
+    assert assistant_token_mask(tokenizer, messages) == fast
