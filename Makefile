@@ -41,11 +41,12 @@ test-all: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: install
-	$(PY) -m ruff check entropo_trl tests bench
-	$(PY) -m ruff format --check entropo_trl tests bench
+	$(PY) -m ruff check entropo_trl tests bench data_prep
+	$(PY) -m ruff format --check entropo_trl tests bench data_prep
 
 bench: install
 	$(PY) bench/trainer_overhead.py
+	$(PY) bench/data_pool.py
 
 demo:
 	@echo "make demo is not built yet (see the project's issues)." && exit 1

@@ -32,9 +32,10 @@ from entropo_trl.data import build_kto_rows  # noqa: E402
 from entropo_trl.multiturn import assistant_token_mask  # noqa: E402
 from entropo_trl.trajectory import ReadStats, Trajectory, read_trajectories, write_trajectories  # noqa: E402
 
-
-WORDS = ("def return self test assert import pytest file line error value the fix patch module class None True "
-         "False raise except parse config path run output").split()
+WORDS = (
+    "def return self test assert import pytest file line error value the fix patch module class None True "
+    "False raise except parse config path run output"
+).split()
 
 
 def _text(rng, n):
@@ -42,18 +43,35 @@ def _text(rng, n):
 
 
 def synthetic_trajectory(rng: random.Random, index: int, turns: int = 30) -> Trajectory:
-    messages = [{"role": "system", "content": "You are a programming agent. " + _text(rng, 300)},
-                {"role": "user", "content": "<github_issue>\n" + _text(rng, 250) + "\n</github_issue>"}]
+    messages = [
+        {"role": "system", "content": "You are a programming agent. " + _text(rng, 300)},
+        {"role": "user", "content": "<github_issue>\n" + _text(rng, 250) + "\n</github_issue>"},
+    ]
     for t in range(turns):
-        call = ("<function=finish>\n<parameter=command>submit</parameter>\n</function>" if t == turns - 1 else
-                f"<function=execute_bash>\n<parameter=cmd>pytest -x tests/test_{t}.py</parameter>\n</function>")
+        call = (
+            "<function=finish>\n<parameter=command>submit</parameter>\n</function>"
+            if t == turns - 1
+            else f"<function=execute_bash>\n<parameter=cmd>pytest -x tests/test_{t}.py</parameter>\n</function>"
+        )
         messages.append({"role": "assistant", "content": _text(rng, 40) + "\n\n" + call})
         if t < turns - 1:
             lines = "\n".join(_text(rng, 12) for _ in range(rng.randint(4, 40)))
-            messages.append({"role": "user", "content": f"Exit code: 1\nExecution output of [execute_bash]:\n{lines}"
-                                                        f"\nSteps Remaining: {99 - t}"})
-    return Trajectory(instance_id=f"repo__name-{index % 500}", messages=messages, reward=float(rng.random() < 0.3),
-                      finished=True, num_steps=turns, source="synthetic", episode_id=str(index))
+            messages.append(
+                {
+                    "role": "user",
+                    "content": f"Exit code: 1\nExecution output of [execute_bash]:\n{lines}"
+                    f"\nSteps Remaining: {99 - t}",
+                }
+            )
+    return Trajectory(
+        instance_id=f"repo__name-{index % 500}",
+        messages=messages,
+        reward=float(rng.random() < 0.3),
+        finished=True,
+        num_steps=turns,
+        source="synthetic",
+        episode_id=str(index),
+    )
 
 
 def make_pool(path: Path, count: int, seed: int = 0) -> float:
@@ -64,8 +82,14 @@ def make_pool(path: Path, count: int, seed: int = 0) -> float:
     def records():
         for i in range(count):
             t = templates[i % len(templates)]
-            yield Trajectory(**{**t.__dict__, "instance_id": f"repo__name-{i % 2000}", "episode_id": str(i),
-                                "reward": float((i * 7919) % 10 < 3)})
+            yield Trajectory(
+                **{
+                    **t.__dict__,
+                    "instance_id": f"repo__name-{i % 2000}",
+                    "episode_id": str(i),
+                    "reward": float((i * 7919) % 10 < 3),
+                }
+            )
 
     write_trajectories(path, records())
     return path.stat().st_size / 2**30
@@ -85,9 +109,14 @@ def stream_child(path: str) -> dict:
     stats = ReadStats()
     rows = build_kto_rows(read_trajectories(path, stats=stats))
     count = sum(1 for _ in rows)
-    return {"rows": count, "read": stats.read, "seconds": time.perf_counter() - start,
-            "peak_rss_mib": _peak_mib(),
-            "desirable": rows.stats.extra["desirable"], "undesirable": rows.stats.extra["undesirable"]}
+    return {
+        "rows": count,
+        "read": stats.read,
+        "seconds": time.perf_counter() - start,
+        "peak_rss_mib": _peak_mib(),
+        "desirable": rows.stats.extra["desirable"],
+        "undesirable": rows.stats.extra["undesirable"],
+    }
 
 
 def stream_part(sizes: list[int], workdir: Path) -> dict:
@@ -95,8 +124,9 @@ def stream_part(sizes: list[int], workdir: Path) -> dict:
     for size in sizes:
         path = workdir / f"pool_{size}.jsonl"
         gib = make_pool(path, size)
-        out = subprocess.run([sys.executable, __file__, "--part", "stream-child", "--pool", str(path)],
-                             capture_output=True, text=True)
+        out = subprocess.run(
+            [sys.executable, __file__, "--part", "stream-child", "--pool", str(path)], capture_output=True, text=True
+        )
         if out.returncode != 0:
             raise RuntimeError(out.stderr[-4000:])
         results[size] = {"pool_gib": gib, **json.loads(out.stdout.strip().splitlines()[-1])}
@@ -126,8 +156,13 @@ def tokenize_part(count: int, rounds: int) -> dict:
         tokens = len(masked_ids)
         assert masked_ids == ids, "masked tokenisation must give the plain token ids"
     plain, masked = statistics.median(plain_times), statistics.median(masked_times)
-    return {"trajectories": count, "tokens_per_trajectory": tokens, "plain_s": plain, "assistant_mask_s": masked,
-            "speed_ratio_mask_over_plain": plain / masked}
+    return {
+        "trajectories": count,
+        "tokens_per_trajectory": tokens,
+        "plain_s": plain,
+        "assistant_mask_s": masked,
+        "speed_ratio_mask_over_plain": plain / masked,
+    }
 
 
 def main():

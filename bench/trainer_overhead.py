@@ -5,7 +5,7 @@
     python bench/trainer_overhead.py --part memory --tokens 4096,16384 --vocab 151936
 
 Step time: EntroDPO vs DPO and EntroKTO vs KTO at alpha == beta, on the same tiny model and multi-turn data, measured
-side by side in one run (interleaved rounds, median step time after warm-up), reported as ratios.
+side by side in one run (interleaved rounds, median step time after warm-up), reported as the median over rounds\nof each round's ratio.
 
 Peak memory: one EntroDPO training step on a pair of multi-turn trajectories of `--tokens` tokens each, with a
 `--vocab`-token LM head, run in a fresh subprocess and measured as the growth of the process's peak resident memory
@@ -38,7 +38,6 @@ from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer  # noqa: E402
 from entropo_trl import EntroDPOConfig, EntroDPOTrainer, EntroKTOConfig, EntroKTOTrainer  # noqa: E402
 from entropo_trl.multiturn import assistant_token_mask  # noqa: E402
 from entropo_trl.testing import build_tiny_model, build_tiny_tokenizer  # noqa: E402
-
 
 WORDS = "the test fails because parse returns None so we edit the file and run pytest again src module fix".split()
 
@@ -73,9 +72,18 @@ class StepTimer(TrainerCallback):
 
 def _common_args(out, steps, batch):
     return dict(
-        output_dir=out, per_device_train_batch_size=batch, max_steps=steps, learning_rate=1e-4, bf16=False,
-        gradient_checkpointing=False, report_to="none", logging_steps=10_000, save_strategy="no", max_length=None,
-        dataloader_num_workers=0, disable_tqdm=True,
+        output_dir=out,
+        per_device_train_batch_size=batch,
+        max_steps=steps,
+        learning_rate=1e-4,
+        bf16=False,
+        gradient_checkpointing=False,
+        report_to="none",
+        logging_steps=10_000,
+        save_strategy="no",
+        max_length=None,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
     )
 
 
@@ -90,32 +98,43 @@ def time_part(steps: int, rounds: int, warmup: int) -> dict:
         return AutoModelForCausalLM.from_pretrained(workdir, dtype=torch.float32)
 
     rng = random.Random(0)
-    pairs = [{"prompt": _prompt(rng), "chosen": _trajectory(rng, 3, 20), "rejected": _trajectory(rng, 3, 20)}
-             for _ in range(steps * 4)]
+    pairs = [
+        {"prompt": _prompt(rng), "chosen": _trajectory(rng, 3, 20), "rejected": _trajectory(rng, 3, 20)}
+        for _ in range(steps * 4)
+    ]
     kto_rows = [{"prompt": p["prompt"], "completion": p["chosen"], "label": i % 2 == 0} for i, p in enumerate(pairs)]
     # alpha == beta (alpha=None) and assistant_only=False: both trainers score the same tokens, so the ratio is the
-    # subclass's own overhead. "EntroDPO (assistant-only)" shows the multi-turn masking path for information.
+    # subclass's own overhead.
     setups = {
         "DPO": (DPOTrainer, DPOConfig, {}, pairs),
         "EntroDPO": (EntroDPOTrainer, EntroDPOConfig, {"assistant_only": False}, pairs),
-        "EntroDPO (assistant-only)": (EntroDPOTrainer, EntroDPOConfig, {}, pairs),
         "KTO": (KTOTrainer, KTOConfig, {}, kto_rows),
         "EntroKTO": (EntroKTOTrainer, EntroKTOConfig, {"assistant_only": False, "z0_clamp": True}, kto_rows),
     }
     step_times = {name: [] for name in setups}
-    for _ in range(rounds):
+    ratios = {"EntroDPO/DPO": [], "EntroKTO/KTO": []}
+    for _ in range(rounds):  # interleaved rounds: each pair is compared under the same machine load
+        medians = {}
         for name, (cls, cfg, extra, rows) in setups.items():
             timer = StepTimer()
-            trainer = cls(model=load(), ref_model=load(), args=cfg(**_common_args(workdir + "/o", steps, 2), **extra),
-                          train_dataset=Dataset.from_list(rows), processing_class=tokenizer, callbacks=[timer])
+            trainer = cls(
+                model=load(),
+                ref_model=load(),
+                args=cfg(**_common_args(workdir + "/o", steps, 2), **extra),
+                train_dataset=Dataset.from_list(rows),
+                processing_class=tokenizer,
+                callbacks=[timer],
+            )
             trainer.train()
             step_times[name].extend(timer.times[warmup:])
-    medians = {name: statistics.median(times) for name, times in step_times.items()}
+            medians[name] = statistics.median(timer.times[warmup:])
+        ratios["EntroDPO/DPO"].append(medians["EntroDPO"] / medians["DPO"])
+        ratios["EntroKTO/KTO"].append(medians["EntroKTO"] / medians["KTO"])
     return {
-        "median_step_s": medians,
-        "EntroDPO/DPO": medians["EntroDPO"] / medians["DPO"],
-        "EntroKTO/KTO": medians["EntroKTO"] / medians["KTO"],
-        "steps_per_trainer": len(step_times["DPO"]),
+        "median_step_s": {name: statistics.median(times) for name, times in step_times.items()},
+        **{name: statistics.median(values) for name, values in ratios.items()},
+        "per_round_ratios": ratios,
+        "measured_steps_per_trainer": len(step_times["DPO"]),
     }
 
 
@@ -142,6 +161,7 @@ def memory_child(tokens: int, vocab: int) -> dict:
     rng = random.Random(0)
     prompt = _prompt(rng)
     final = {"role": "assistant", "content": "done\n<function=finish>\n</function>"}
+
     def render(blocks):
         messages = [m for block in blocks for m in block] + [final]
         ids, mask = assistant_token_mask(tokenizer, prompt + messages)
@@ -166,7 +186,8 @@ def memory_child(tokens: int, vocab: int) -> dict:
     trainer = EntroDPOTrainer(
         model=AutoModelForCausalLM.from_pretrained(workdir, dtype=torch.float32),
         ref_model=AutoModelForCausalLM.from_pretrained(workdir, dtype=torch.float32),
-        args=args, train_dataset=Dataset.from_list([{"prompt": prompt, "chosen": chosen, "rejected": rejected}]),
+        args=args,
+        train_dataset=Dataset.from_list([{"prompt": prompt, "chosen": chosen, "rejected": rejected}]),
         processing_class=tokenizer,
     )
     _reset_peak()
@@ -175,10 +196,15 @@ def memory_child(tokens: int, vocab: int) -> dict:
     trainer.train()
     log = next(entry for entry in trainer.state.log_history if "train_loss" in entry)
     return {
-        "tokens_chosen": len(ids), "tokens_rejected": n_rejected, "assistant_tokens_chosen": sum(mask), "vocab": vocab,
-        "rss_before_step_gib": before, "peak_rss_gib": _status_gib("VmHWM"),
+        "tokens_chosen": len(ids),
+        "tokens_rejected": n_rejected,
+        "assistant_tokens_chosen": sum(mask),
+        "vocab": vocab,
+        "rss_before_step_gib": before,
+        "peak_rss_gib": _status_gib("VmHWM"),
         "step_growth_gib": _status_gib("VmHWM") - before,
-        "step_seconds": time.perf_counter() - start, "loss": log["train_loss"],
+        "step_seconds": time.perf_counter() - start,
+        "loss": log["train_loss"],
         "full_fp32_logits_one_sequence_gib": len(ids) * vocab * 4 / 2**30,
     }
 
@@ -198,8 +224,8 @@ def memory_part(tokens: list[int], vocab: int) -> list[dict]:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=["all", "time", "memory", "memory-child"], default="all")
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--tokens", default="4096,16384", help="comma-separated trajectory lengths (memory part)")
     parser.add_argument("--vocab", type=int, default=151936)

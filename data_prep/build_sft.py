@@ -6,6 +6,5 @@ import sys
 
 from entropo_trl.data_cli import main
 
-
 if __name__ == "__main__":
     sys.exit(main(["sft", *sys.argv[1:]]))

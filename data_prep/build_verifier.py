@@ -6,6 +6,5 @@ import sys
 
 from entropo_trl.data_cli import main
 
-
 if __name__ == "__main__":
     sys.exit(main(["verifier", *sys.argv[1:]]))

@@ -9,7 +9,6 @@ import sys
 
 from entropo_trl.data_cli import main
 
-
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in ("export", "import"):
         sys.exit("usage: python data_prep/sharegpt.py {export,import} --input ... --output ...")

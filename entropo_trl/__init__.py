@@ -7,7 +7,6 @@ from .kto_trainer import DataCollatorForMultiTurnUnpairedPreference, EntroKTOTra
 from .losses import entropo_dpo_loss, entropo_kto_loss, entropo_kto_z0
 from .multiturn import TemplateNotPrefixPreservingError, assistant_token_mask, tokenize_prompt_completion
 
-
 __version__ = "0.1.0"
 
 __all__ = [

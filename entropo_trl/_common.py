@@ -11,7 +11,6 @@ from trl.trainer.utils import pad
 
 from .multiturn import tokenize_prompt_completion
 
-
 ENTROPO_PAPER = {
     "title": "Building Coding Agents via Entropy-Enhanced Multi-Turn Preference Optimization",
     "id": None,
@@ -71,9 +70,7 @@ def template_kwargs_of(example: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     return tools, dict(example.get("chat_template_kwargs") or {})
 
 
-def tokenize_row_completion(
-    tokenizer, example, key: str, dataset_name: str, index: int
-) -> dict[str, list[int]]:
+def tokenize_row_completion(tokenizer, example, key: str, dataset_name: str, index: int) -> dict[str, list[int]]:
     """Tokenize `prompt + example[key]` with an assistant-only mask, errors naming the row and the field."""
     prompt = require_messages(example, "prompt", dataset_name, index)
     completion = require_messages(example, key, dataset_name, index)

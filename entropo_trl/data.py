@@ -23,7 +23,6 @@ from typing import Any
 from .trajectory import Trajectory
 from .truncation import TruncationError, TruncationReport, count_tokens, truncate_trajectory
 
-
 DPO_POLICIES = ("all", "authors")
 
 
@@ -225,8 +224,12 @@ def build_dpo_pairs(
                 if prompt != rejected_prompt:  # truncation shortened one issue but not the other: keep both whole
                     stats.skipped["pair prompts differ after truncation"] += 1
                     continue
-                yield {"prompt": prompt, "chosen": chosen_completion, "rejected": rejected_completion,
-                       "instance_id": instance_id}
+                yield {
+                    "prompt": prompt,
+                    "chosen": chosen_completion,
+                    "rejected": rejected_completion,
+                    "instance_id": instance_id,
+                }
 
     return Rows(generate)
 
@@ -270,8 +273,12 @@ def build_kto_rows(
             prompt, completion = _split(messages)
             counts[trajectory.passed] += 1
             stats.extra["desirable"], stats.extra["undesirable"] = counts[True], counts[False]
-            yield {"prompt": prompt, "completion": completion, "label": trajectory.passed,
-                   "instance_id": trajectory.instance_id}
+            yield {
+                "prompt": prompt,
+                "completion": completion,
+                "label": trajectory.passed,
+                "instance_id": trajectory.instance_id,
+            }
         stats.extra["desirable"], stats.extra["undesirable"] = counts[True], counts[False]
         if counts[True] and counts[False]:
             stats.extra["class_weights"] = kto_class_weights(counts[True], counts[False])
@@ -300,9 +307,11 @@ def _interaction_log(messages: list[dict[str, Any]], patch: str, condensed: set[
     prompt, completion = _split(messages)
     system = next((m["content"] for m in prompt if m["role"] == "system"), "")
     issue = prompt[-1]["content"] if prompt else ""
-    parts = ["Please evaluate the following interaction between an AI assistant and a user:\n\n"
-             "=== INTERACTION LOG ===\n\n"
-             f"[SYSTEM]\n{system}\n[/SYSTEM]\n\n[USER]\n{issue}\n[/USER]"]
+    parts = [
+        "Please evaluate the following interaction between an AI assistant and a user:\n\n"
+        "=== INTERACTION LOG ===\n\n"
+        f"[SYSTEM]\n{system}\n[/SYSTEM]\n\n[USER]\n{issue}\n[/USER]"
+    ]
     step = 0
     for offset, message in enumerate(completion):
         index = len(prompt) + offset
@@ -312,10 +321,12 @@ def _interaction_log(messages: list[dict[str, Any]], patch: str, condensed: set[
         else:
             content = CONDENSED if index in condensed else message["content"]
             parts.append(f"\n\n[USER]\n{content}\n[/USER]")
-    parts.append("\n\n=== END INTERACTION ===\n\n=== FINAL PATCH ===\n\n"
-                 f"[PATCH]\n{patch}\n[/PATCH]\n\n=== END FINAL PATCH ===\n\n"
-                 "Based on the above interaction, did the assistant successfully resolve the user's initial request? "
-                 "Respond with YES or NO.")
+    parts.append(
+        "\n\n=== END INTERACTION ===\n\n=== FINAL PATCH ===\n\n"
+        f"[PATCH]\n{patch}\n[/PATCH]\n\n=== END FINAL PATCH ===\n\n"
+        "Based on the above interaction, did the assistant successfully resolve the user's initial request? "
+        "Respond with YES or NO."
+    )
     return "".join(parts)
 
 
@@ -326,8 +337,9 @@ def _length(tokenizer, text: str) -> int:
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def verifier_prompt(trajectory: Trajectory, tokenizer=None, max_tokens: int | None = 60_000
-                    ) -> tuple[list[dict[str, str]], int]:
+def verifier_prompt(
+    trajectory: Trajectory, tokenizer=None, max_tokens: int | None = 60_000
+) -> tuple[list[dict[str, str]], int]:
     """The judge's `[system, user]` messages for a trajectory (the authors' verifier prompt), and how many
     observations were condensed to fit `max_tokens`: the largest observation blocks are replaced by
     `<Execution result condensed for saving context>` first (the issue never is).
@@ -388,8 +400,11 @@ def build_verifier_rows(
                 stats.truncated += 1
                 stats.extra["condensed_observations"] += condensed
             answer = JUDGEMENT.format("YES" if trajectory.passed else "NO")
-            yield {"messages": prompt + [{"role": "assistant", "content": answer}], "label": trajectory.passed,
-                   "instance_id": trajectory.instance_id}
+            yield {
+                "messages": prompt + [{"role": "assistant", "content": answer}],
+                "label": trajectory.passed,
+                "instance_id": trajectory.instance_id,
+            }
 
     return Rows(generate)
 

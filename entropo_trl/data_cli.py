@@ -55,8 +55,13 @@ def percentiles(values: list[int], points=(50, 90, 99, 100)) -> dict[str, int]:
     return out
 
 
-def write_rows(rows: Iterable[dict[str, Any]], output: str | None, push_to_hub: str | None, tokenizer=None,
-               description: str = "writing") -> dict[str, Any]:
+def write_rows(
+    rows: Iterable[dict[str, Any]],
+    output: str | None,
+    push_to_hub: str | None,
+    tokenizer=None,
+    description: str = "writing",
+) -> dict[str, Any]:
     """Stream rows to `output` (`.jsonl` / `.json` file, or a `datasets` folder) and/or the Hub; returns lengths."""
     if output is None and push_to_hub is None:
         raise SystemExit("nothing to do: give --output PATH and/or --push_to_hub REPO")
@@ -75,8 +80,11 @@ def write_rows(rows: Iterable[dict[str, Any]], output: str | None, push_to_hub: 
         for row in _progress(rows, description):
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
             messages = _row_messages(row)
-            lengths.append(count_tokens(tokenizer, messages) if tokenizer is not None
-                           else sum(len(m["content"]) for m in messages))
+            lengths.append(
+                count_tokens(tokenizer, messages)
+                if tokenizer is not None
+                else sum(len(m["content"]) for m in messages)
+            )
             count += 1
     if jsonl_target:
         os.replace(partial, output)  # the finished file appears at once; an interrupted run leaves only .partial
@@ -135,8 +143,9 @@ def _read_json_rows(paths: list[str]) -> Iterator[dict[str, Any]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="entropo-data", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="entropo-data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     def common(sub, pool: bool = True):
@@ -145,15 +154,26 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--push_to_hub", metavar="REPO", help="also push the dataset to this Hub repository")
         if pool:
             sub.add_argument("--format", choices=FORMATS, default="auto", help="pool layout (default: detected)")
-            sub.add_argument("--on_error", choices=["raise", "skip"], default="raise",
-                             help="malformed pool lines: stop with the file, line and field (default) or skip them, "
-                                  "counted by reason")
+            sub.add_argument(
+                "--on_error",
+                choices=["raise", "skip"],
+                default="raise",
+                help="malformed pool lines: stop with the file, line and field (default) or skip them, "
+                "counted by reason",
+            )
             sub.add_argument("--source", help="override the trajectories' source (model / run name)")
             sub.add_argument("--tokenizer", help="tokenizer (Hub id or folder) for token budgets and lengths")
-            sub.add_argument("--max_tokens", type=int, help="fit each trajectory into this many tokens "
-                             "(shortens observations, then middle turns; never the final assistant turn)")
-            sub.add_argument("--include_unfinished", action="store_true",
-                             help="also use trajectories whose last turn did not call finish/submit")
+            sub.add_argument(
+                "--max_tokens",
+                type=int,
+                help="fit each trajectory into this many tokens "
+                "(shortens observations, then middle turns; never the final assistant turn)",
+            )
+            sub.add_argument(
+                "--include_unfinished",
+                action="store_true",
+                help="also use trajectories whose last turn did not call finish/submit",
+            )
 
     sft = commands.add_parser("sft", help="SFT rows ({'messages'})")
     common(sft)
@@ -201,11 +221,23 @@ def main(argv: list[str] | None = None) -> int:
     trajectories = read_trajectories(args.input, args.format, on_error=args.on_error, stats=read, source=args.source)
     finished_only = not args.include_unfinished
     if args.command == "sft":
-        rows: Rows = build_sft_rows(trajectories, args.require_success, finished_only=finished_only,
-                                    tokenizer=tokenizer, max_tokens=args.max_tokens)
+        rows: Rows = build_sft_rows(
+            trajectories,
+            args.require_success,
+            finished_only=finished_only,
+            tokenizer=tokenizer,
+            max_tokens=args.max_tokens,
+        )
     elif args.command == "dpo":
-        rows = build_dpo_pairs(trajectories, args.policy, args.max_pairs_per_instance or None, args.seed,
-                               finished_only=finished_only, tokenizer=tokenizer, max_tokens=args.max_tokens)
+        rows = build_dpo_pairs(
+            trajectories,
+            args.policy,
+            args.max_pairs_per_instance or None,
+            args.seed,
+            finished_only=finished_only,
+            tokenizer=tokenizer,
+            max_tokens=args.max_tokens,
+        )
     elif args.command == "kto":
         rows = build_kto_rows(trajectories, finished_only, tokenizer=tokenizer, max_tokens=args.max_tokens)
     else:

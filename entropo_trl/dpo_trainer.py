@@ -35,7 +35,6 @@ from ._common import (
 )
 from .dpo_config import DPO_UNSUPPORTED, EntroDPOConfig, reject_options
 
-
 logger = get_logger(__name__)
 
 MASK_COLUMNS = ("chosen_assistant_mask", "rejected_assistant_mask")

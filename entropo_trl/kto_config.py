@@ -7,7 +7,6 @@ from trl import KTOConfig
 from .dpo_config import reject_options, validate_alpha
 from .losses import KTO_VARIANTS
 
-
 # TRL KTO options that change the loss away from EntroPO-KTO, or that the subclass cannot honour.
 KTO_UNSUPPORTED = {
     "loss_type": ("kto", "EntroPO-KTO needs the KL reference point z0, which 'apo_zero_unpaired' does not estimate"),

@@ -39,7 +39,6 @@ from ._common import (
 from .kto_config import KTO_UNSUPPORTED, EntroKTOConfig, reject_options
 from .losses import entropo_kto_z0
 
-
 logger = get_logger(__name__)
 
 MASK_COLUMNS = ("completion_assistant_mask", "KL_completion_assistant_mask")
@@ -243,7 +242,9 @@ class EntroKTOTrainer(KTOTrainer):
         mode = "train" if self.model.training else "eval"
         inputs = dict(inputs)
         if "KL_input_ids" not in inputs:
-            raise ValueError("EntroKTOTrainer needs the mismatched (KL) samples in each batch: 'KL_input_ids' is missing")
+            raise ValueError(
+                "EntroKTOTrainer needs the mismatched (KL) samples in each batch: 'KL_input_ids' is missing"
+            )
         if "ref_logps" in inputs and "ref_KL_logps" in inputs:
             ref_logps, ref_kl_logps = inputs["ref_logps"], inputs["ref_KL_logps"]  # cached, unscaled
         else:

@@ -12,7 +12,6 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-
 KTO_VARIANTS = ("paper", "reference_code")
 
 

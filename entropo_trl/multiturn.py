@@ -86,8 +86,11 @@ def _prefix_renderer(tokenizer, messages, tools, chat_template, template_kwargs,
 
         def fast(n: int, add_generation_prompt: bool) -> str:
             rendered, _ = render_jinja_template(
-                conversations=[normalized[:n]], tools=tools, chat_template=template,
-                add_generation_prompt=add_generation_prompt, **kwargs,
+                conversations=[normalized[:n]],
+                tools=tools,
+                chat_template=template,
+                add_generation_prompt=add_generation_prompt,
+                **kwargs,
             )
             return rendered[0]
 
@@ -113,7 +116,7 @@ def _check_prefix(full: str, prefix: str, what: str, tokenizer, chat_template) -
     raise TemplateNotPrefixPreservingError(
         f"{chat_template_name(tokenizer, chat_template)} renders {what} differently from the full conversation, so "
         f"assistant tokens cannot be located exactly (the renderings diverge at character {at}: "
-        f"prefix has {prefix[at:at + 60]!r}, full conversation has {full[at:at + 60]!r}). This happens with "
+        f"prefix has {prefix[at : at + 60]!r}, full conversation has {full[at : at + 60]!r}). This happens with "
         "templates that drop past <think> blocks or special-case the last turn. Use a prefix-preserving template, "
         "e.g. `tokenizer.chat_template = trl.chat_template_utils.get_training_chat_template(tokenizer)`, or pass "
         "`chat_template=...`."

@@ -18,10 +18,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-
 TO_SHAREGPT = {"system": "system", "user": "human", "assistant": "gpt", "tool": "observation"}
-FROM_SHAREGPT = {"system": "system", "human": "human", "gpt": "gpt", "observation": "observation",
-                 "function_call": "gpt"}
+FROM_SHAREGPT = {
+    "system": "system",
+    "human": "human",
+    "gpt": "gpt",
+    "observation": "observation",
+    "function_call": "gpt",
+}
 _ROLE = {"system": "system", "human": "user", "gpt": "assistant", "observation": "tool", "function_call": "assistant"}
 
 
@@ -56,20 +60,27 @@ def to_sharegpt(row: dict[str, Any], index: int = 0) -> dict[str, Any]:
     """One builder row (SFT `messages`, DPO `prompt`/`chosen`/`rejected`, KTO `prompt`/`completion`/`label`) as a
     ShareGPT row. Other columns (e.g. `instance_id`) are kept."""
     where = f"row {index}"
-    extra = {k: v for k, v in row.items()
-             if k not in ("messages", "prompt", "chosen", "rejected", "completion", "label")}
+    extra = {
+        k: v for k, v in row.items() if k not in ("messages", "prompt", "chosen", "rejected", "completion", "label")
+    }
     if "messages" in row:
         return {"conversations": _to(row["messages"], f"{where}.messages"), **extra}
     if "chosen" in row and "rejected" in row:
-        return {"conversations": _to(row["prompt"], f"{where}.prompt"), "chosen": _to(row["chosen"], f"{where}.chosen"),
-                "rejected": _to(row["rejected"], f"{where}.rejected"), **extra}
+        return {
+            "conversations": _to(row["prompt"], f"{where}.prompt"),
+            "chosen": _to(row["chosen"], f"{where}.chosen"),
+            "rejected": _to(row["rejected"], f"{where}.rejected"),
+            **extra,
+        }
     if "completion" in row and "label" in row:
         if not isinstance(row["label"], bool):
             raise ValueError(f"{where}.label: expected true/false, got {row['label']!r}")
         conversations = _to(row["prompt"], f"{where}.prompt") + _to(row["completion"], f"{where}.completion")
         return {"conversations": conversations, "kto_tag": row["label"], **extra}
-    raise ValueError(f"{where}: not an SFT ('messages'), DPO ('prompt', 'chosen', 'rejected') or KTO "
-                     f"('prompt', 'completion', 'label') row; keys: {sorted(row)}")
+    raise ValueError(
+        f"{where}: not an SFT ('messages'), DPO ('prompt', 'chosen', 'rejected') or KTO "
+        f"('prompt', 'completion', 'label') row; keys: {sorted(row)}"
+    )
 
 
 def from_sharegpt(row: dict[str, Any], index: int = 0) -> dict[str, Any]:
@@ -83,12 +94,18 @@ def from_sharegpt(row: dict[str, Any], index: int = 0) -> dict[str, Any]:
         messages = [{"role": "system", "content": row["system"]}] + messages
     extra = {k: v for k, v in row.items() if k not in ("conversations", "chosen", "rejected", "kto_tag", "system")}
     if "chosen" in row or "rejected" in row:
-        return {"prompt": messages, "chosen": _from(row.get("chosen"), f"{where}.chosen"),
-                "rejected": _from(row.get("rejected"), f"{where}.rejected"), **extra}
+        return {
+            "prompt": messages,
+            "chosen": _from(row.get("chosen"), f"{where}.chosen"),
+            "rejected": _from(row.get("rejected"), f"{where}.rejected"),
+            **extra,
+        }
     if "kto_tag" in row:
         if not isinstance(row["kto_tag"], bool):
-            raise ValueError(f"{where}.kto_tag: expected true/false (LLaMA-Factory treats anything else as SFT), "
-                             f"got {row['kto_tag']!r}")
+            raise ValueError(
+                f"{where}.kto_tag: expected true/false (LLaMA-Factory treats anything else as SFT), "
+                f"got {row['kto_tag']!r}"
+            )
         end = next((i + 1 for i, m in enumerate(messages) if m["role"] == "user"), 0)
         return {"prompt": messages[:end], "completion": messages[end:], "label": row["kto_tag"], **extra}
     return {"messages": messages, **extra}

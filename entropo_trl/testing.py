@@ -12,12 +12,23 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
-
 _FAMILIES = {
     # family: (TRL template file, special tokens, eos, pad, bos)
-    "qwen3": ("qwen3_instruct_2507", ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], "<|im_end|>", "<|endoftext|>", None),
+    "qwen3": (
+        "qwen3_instruct_2507",
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        "<|im_end|>",
+        "<|endoftext|>",
+        None,
+    ),
     "qwen3_thinking": ("qwen3", ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], "<|im_end|>", "<|endoftext|>", None),
-    "gemma3": ("gemma3", ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"], "<end_of_turn>", "<pad>", "<bos>"),
+    "gemma3": (
+        "gemma3",
+        ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"],
+        "<end_of_turn>",
+        "<pad>",
+        "<bos>",
+    ),
     "glm4moe": (
         "glm4moe",
         ["<|endoftext|>", "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"],
@@ -34,7 +45,7 @@ _DEFAULT_CORPUS = [
     "The test fails because the function returns None instead of raising a ValueError.",
     "<think>\nLet me think about the bug.\n</think>\n\nNow let's submit the fix.\n<function=finish>\n</function>",
     "You are a programming agent. Resolve the GitHub issue in the repository.",
-    "Traceback (most recent call last):\n  File \"tests/test_core.py\", line 12, in test_parse\nAssertionError",
+    'Traceback (most recent call last):\n  File "tests/test_core.py", line 12, in test_parse\nAssertionError',
 ]
 
 

@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 logger = logging.getLogger(__name__)
 
 SCHEMA = "entropo-trajectory/1"
@@ -45,11 +44,23 @@ _FINISH_NAMES = ("finish", "submit")
 class TrajectoryFormatError(ValueError):
     """A pool line that cannot be read as a trajectory; the message names the file, the line and the field."""
 
-    def __init__(self, message: str, *, path: str | os.PathLike | None = None, line: int | None = None,
-                 field: str | None = None, reason: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | os.PathLike | None = None,
+        line: int | None = None,
+        field: str | None = None,
+        reason: str | None = None,
+    ):
         where = ", ".join(
-            part for part in (f"{path}" if path is not None else None, f"line {line}" if line is not None else None,
-                              f"field '{field}'" if field is not None else None) if part
+            part
+            for part in (
+                f"{path}" if path is not None else None,
+                f"line {line}" if line is not None else None,
+                f"field '{field}'" if field is not None else None,
+            )
+            if part
         )
         super().__init__(f"{where}: {message}" if where else message)
         self.detail, self.path, self.line, self.field = message, path, line, field
@@ -108,7 +119,7 @@ class Trajectory:
     @property
     def completion(self) -> list[dict[str, Any]]:
         """Everything after the prompt: the agent's turns and the observations between them."""
-        return self.messages[_prompt_length(self.messages):]
+        return self.messages[_prompt_length(self.messages) :]
 
     @property
     def issue(self) -> str:
@@ -134,7 +145,9 @@ def last_turn_finished(messages: list[dict[str, Any]]) -> bool:
         if _FINISH_CALL.search(message.get("content") or ""):
             return True
         calls = message.get("tool_calls") or []
-        return any(((call.get("function") or {}).get("name") in _FINISH_NAMES) for call in calls if isinstance(call, dict))
+        return any(
+            ((call.get("function") or {}).get("name") in _FINISH_NAMES) for call in calls if isinstance(call, dict)
+        )
     return False
 
 
@@ -143,39 +156,48 @@ def last_turn_finished(messages: list[dict[str, Any]]) -> bool:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def validate_messages(messages: Any, field_name: str = "messages", require_assistant: bool = False
-                      ) -> list[dict[str, Any]]:
+def validate_messages(
+    messages: Any, field_name: str = "messages", require_assistant: bool = False
+) -> list[dict[str, Any]]:
     """Check a chat: a non-empty list of `{"role", "content"}` with known roles, string contents and a user message
     (the issue); with `require_assistant`, also an assistant turn after it. Raises [`TrajectoryFormatError`] (without
     file and line: the reader adds them). An episode that ended before its first action (e.g. R2E-Gym's
     `llm_query_error`) is a valid record with no assistant turn; the dataset builders skip it, counted."""
     if not isinstance(messages, list):
-        raise TrajectoryFormatError(f"expected a list of messages, got {type(messages).__name__}", field=field_name,
-                                    reason="messages not a list")
+        raise TrajectoryFormatError(
+            f"expected a list of messages, got {type(messages).__name__}",
+            field=field_name,
+            reason="messages not a list",
+        )
     if not messages:
         raise TrajectoryFormatError("no messages", field=field_name, reason="empty messages")
     for i, message in enumerate(messages):
         where = f"{field_name}[{i}]"
         if not isinstance(message, dict):
-            raise TrajectoryFormatError(f"expected a message object, got {type(message).__name__}", field=where,
-                                        reason="message not an object")
+            raise TrajectoryFormatError(
+                f"expected a message object, got {type(message).__name__}", field=where, reason="message not an object"
+            )
         if "role" not in message:
             raise TrajectoryFormatError("message has no 'role'", field=f"{where}.role", reason="missing role")
         if message["role"] not in ROLES:
-            raise TrajectoryFormatError(f"unknown role {message['role']!r} (expected one of {', '.join(ROLES)})",
-                                        field=f"{where}.role", reason="unknown role")
+            raise TrajectoryFormatError(
+                f"unknown role {message['role']!r} (expected one of {', '.join(ROLES)})",
+                field=f"{where}.role",
+                reason="unknown role",
+            )
         content = message.get("content")
         if not isinstance(content, str):
             if content is None and message["role"] == "assistant" and message.get("tool_calls"):
                 continue
             raise TrajectoryFormatError(
-                f"content must be a string, got {type(content).__name__}", field=f"{where}.content",
+                f"content must be a string, got {type(content).__name__}",
+                field=f"{where}.content",
                 reason="non-string content",
             )
     roles = [m["role"] for m in messages]
     if "user" not in roles:
         raise TrajectoryFormatError("no user message (the issue)", field=field_name, reason="no user turn")
-    if require_assistant and "assistant" not in roles[_prompt_length(messages):]:
+    if require_assistant and "assistant" not in roles[_prompt_length(messages) :]:
         raise TrajectoryFormatError("no assistant turn after the issue", field=field_name, reason="no assistant turn")
     return messages
 
@@ -184,15 +206,17 @@ def _float_or_none(value: Any, field_name: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise TrajectoryFormatError(f"expected a finite number, got {value!r}", field=field_name,
-                                    reason=f"invalid {field_name}")
+        raise TrajectoryFormatError(
+            f"expected a finite number, got {value!r}", field=field_name, reason=f"invalid {field_name}"
+        )
     return float(value)
 
 
 def _reward(value: Any, field_name: str = "reward") -> float:
     if value is None:
-        raise TrajectoryFormatError("reward is missing or null (episode not evaluated?)", field=field_name,
-                                    reason="missing reward")
+        raise TrajectoryFormatError(
+            "reward is missing or null (episode not evaluated?)", field=field_name, reason="missing reward"
+        )
     reward = _float_or_none(value, field_name)
     return reward
 
@@ -201,8 +225,9 @@ def _string(value: Any, field_name: str, default: str = "") -> str:
     if value is None:
         return default
     if not isinstance(value, str):
-        raise TrajectoryFormatError(f"expected a string, got {type(value).__name__}", field=field_name,
-                                    reason=f"invalid {field_name}")
+        raise TrajectoryFormatError(
+            f"expected a string, got {type(value).__name__}", field=field_name, reason=f"invalid {field_name}"
+        )
     return value
 
 
@@ -231,8 +256,9 @@ def from_entropo(record: dict[str, Any]) -> Trajectory:
     known = {f.name for f in dataclasses.fields(Trajectory)}
     unknown = set(record) - known - {"schema"}
     if unknown:
-        raise TrajectoryFormatError(f"unknown fields {sorted(unknown)} for {SCHEMA}", field=sorted(unknown)[0],
-                                    reason="unknown field")
+        raise TrajectoryFormatError(
+            f"unknown fields {sorted(unknown)} for {SCHEMA}", field=sorted(unknown)[0], reason="unknown field"
+        )
     for name in ("instance_id", "messages", "reward"):
         if name not in record:
             raise TrajectoryFormatError(f"missing '{name}'", field=name, reason=f"missing {name}")
@@ -242,15 +268,19 @@ def from_entropo(record: dict[str, Any]) -> Trajectory:
         raise TrajectoryFormatError("expected an object", field="metadata", reason="invalid metadata")
     finished = record.get("finished", last_turn_finished(messages))
     if not isinstance(finished, bool):
-        raise TrajectoryFormatError(f"expected true/false, got {finished!r}", field="finished",
-                                    reason="invalid finished")
+        raise TrajectoryFormatError(
+            f"expected true/false, got {finished!r}", field="finished", reason="invalid finished"
+        )
     num_steps = record.get("num_steps")
     if num_steps is None:
         num_steps = sum(m["role"] == "assistant" for m in messages)
     regression = record.get("regression_pass_count")
     if regression is not None and (isinstance(regression, bool) or not isinstance(regression, int)):
-        raise TrajectoryFormatError(f"expected an integer, got {regression!r}", field="regression_pass_count",
-                                    reason="invalid regression_pass_count")
+        raise TrajectoryFormatError(
+            f"expected an integer, got {regression!r}",
+            field="regression_pass_count",
+            reason="invalid regression_pass_count",
+        )
     return Trajectory(
         instance_id=_instance_id(record["instance_id"]),
         messages=messages,
@@ -270,18 +300,28 @@ def from_entropo(record: dict[str, Any]) -> Trajectory:
 
 def _instance_id(value: Any, field_name: str = "instance_id") -> str:
     if not isinstance(value, str) or not value.strip():
-        raise TrajectoryFormatError(f"expected a non-empty string, got {value!r}", field=field_name,
-                                    reason="invalid instance_id")
+        raise TrajectoryFormatError(
+            f"expected a non-empty string, got {value!r}", field=field_name, reason="invalid instance_id"
+        )
     return value
 
 
 # R2E-Gym fields carried into `metadata` (small scalars); raw test logs are left out unless `keep_logs=True`.
-_R2E_METADATA = ("docker_image", "exp_name", "finished_score", "max_steps", "max_steps_absolute", "max_token_limit",
-                 "reward_calc_time", "problem_statement")
+_R2E_METADATA = (
+    "docker_image",
+    "exp_name",
+    "finished_score",
+    "max_steps",
+    "max_steps_absolute",
+    "max_token_limit",
+    "reward_calc_time",
+    "problem_statement",
+)
 _R2E_LOGS = ("test_output", "regression_test_output", "custom_test_outputs")
 _DS_METADATA = ("repo", "base_commit", "version", "FAIL_TO_PASS", "PASS_TO_PASS", "environment_setup_commit")
-_TEST_STATUS = re.compile(r"^(?:PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\s+(\S+)|^(\S+::\S+)\s+(PASSED|FAILED|ERROR)",
-                          re.MULTILINE)
+_TEST_STATUS = re.compile(
+    r"^(?:PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\s+(\S+)|^(\S+::\S+)\s+(PASSED|FAILED|ERROR)", re.MULTILINE
+)
 
 
 def count_passed_tests(test_output: str) -> int:
@@ -303,11 +343,16 @@ def from_r2egym(record: dict[str, Any], keep_logs: bool = False) -> Trajectory:
         raise TrajectoryFormatError(
             "no 'history' (the chat messages): upstream R2E-Gym dumps store only `trajectory_steps`, without the "
             "system and issue prompts; re-export with the EntroPO fork, which keeps `history`",
-            field="history", reason="missing history",
+            field="history",
+            reason="missing history",
         )
     messages = list(history)
-    if messages and isinstance(messages[-1], dict) and messages[-1].get("role") in ("user", "tool") \
-            and (messages[-1].get("content") or "").strip() == R2E_FINISHED_MARKER:
+    if (
+        messages
+        and isinstance(messages[-1], dict)
+        and messages[-1].get("role") in ("user", "tool")
+        and (messages[-1].get("content") or "").strip() == R2E_FINISHED_MARKER
+    ):
         messages = messages[:-1]
     messages = validate_messages(messages, "history")
     ds = record.get("ds") or {}
@@ -318,14 +363,22 @@ def from_r2egym(record: dict[str, Any], keep_logs: bool = False) -> Trajectory:
     elif isinstance(record.get("docker_image"), str) and record["docker_image"]:
         instance_id = record["docker_image"].rsplit(":", 1)[-1].split(".")[-1]  # sweb.eval.x86_64.<instance_id>
     else:
-        raise TrajectoryFormatError("no instance id: neither 'ds.instance_id' nor 'docker_image' is set",
-                                    field="ds.instance_id", reason="missing instance_id")
+        raise TrajectoryFormatError(
+            "no instance id: neither 'ds.instance_id' nor 'docker_image' is set",
+            field="ds.instance_id",
+            reason="missing instance_id",
+        )
     if "reward" not in record:
         raise TrajectoryFormatError("missing 'reward'", field="reward", reason="missing reward")
     scores = record.get("reproduction_test_scores") or []
-    if not isinstance(scores, list) or not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores):
-        raise TrajectoryFormatError(f"expected a list of numbers, got {scores!r}", field="reproduction_test_scores",
-                                    reason="invalid reproduction_test_scores")
+    if not isinstance(scores, list) or not all(
+        isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores
+    ):
+        raise TrajectoryFormatError(
+            f"expected a list of numbers, got {scores!r}",
+            field="reproduction_test_scores",
+            reason="invalid reproduction_test_scores",
+        )
     regression_output = record.get("regression_test_output")
     metadata = {key: record[key] for key in _R2E_METADATA if record.get(key) is not None}
     metadata.update({f"ds.{key}": ds[key] for key in _DS_METADATA if ds.get(key) is not None})
@@ -355,8 +408,9 @@ def from_swesmith(record: dict[str, Any], default_reward: float = 1.0, source: s
         reward = _reward(record["reward"])
     elif "resolved" in record:
         if not isinstance(record["resolved"], bool):
-            raise TrajectoryFormatError(f"expected true/false, got {record['resolved']!r}", field="resolved",
-                                        reason="invalid resolved")
+            raise TrajectoryFormatError(
+                f"expected true/false, got {record['resolved']!r}", field="resolved", reason="invalid resolved"
+            )
         reward = float(record["resolved"])
     else:
         reward = default_reward
@@ -399,8 +453,9 @@ class ReadStats:
     def summary(self) -> str:
         text = f"{self.read} trajectories read, {self.num_skipped} lines skipped"
         if self.skipped:
-            text += ": " + "; ".join(f"{n} {reason} (first: {self.examples[reason]})"
-                                     for reason, n in self.skipped.most_common())
+            text += ": " + "; ".join(
+                f"{n} {reason} (first: {self.examples[reason]})" for reason, n in self.skipped.most_common()
+            )
         return text
 
 
@@ -426,8 +481,9 @@ def _parse_line(raw: bytes, fmt: str, **options: Any) -> tuple[Trajectory, str]:
         return from_entropo(record), detected
     if detected == "r2egym":
         return from_r2egym(record, keep_logs=options.get("keep_logs", False)), detected
-    return from_swesmith(record, default_reward=options.get("default_reward", 1.0),
-                         source=options.get("source") or "swe-smith"), detected
+    return from_swesmith(
+        record, default_reward=options.get("default_reward", 1.0), source=options.get("source") or "swe-smith"
+    ), detected
 
 
 def read_trajectories(
@@ -474,10 +530,12 @@ def read_trajectories(
                         try:
                             json.loads(raw)
                         except (json.JSONDecodeError, UnicodeDecodeError):
-                            raise TrajectoryFormatError("truncated last line (the writer was killed mid-record?)",
-                                                        reason="truncated last line") from None
-                    trajectory, detected = _parse_line(raw, file_format, keep_logs=keep_logs,
-                                                       default_reward=default_reward, source=source)
+                            raise TrajectoryFormatError(
+                                "truncated last line (the writer was killed mid-record?)", reason="truncated last line"
+                            ) from None
+                    trajectory, detected = _parse_line(
+                        raw, file_format, keep_logs=keep_logs, default_reward=default_reward, source=source
+                    )
                 except TrajectoryFormatError as exc:
                     error = exc.located(path, line_number)
                     if on_error == "raise":
@@ -521,8 +579,9 @@ def _repair_tail(path: Path) -> None:
     logger.warning(f"{path}: removed a partial last record ({size - keep} bytes) left by an interrupted writer")
 
 
-def write_trajectories(path: str | os.PathLike, records: Iterable[Trajectory | dict[str, Any]], *,
-                       fsync: bool = False) -> int:
+def write_trajectories(
+    path: str | os.PathLike, records: Iterable[Trajectory | dict[str, Any]], *, fsync: bool = False
+) -> int:
     """Append records to a JSONL pool; returns how many were written.
 
     Each record is serialised completely first and written with a single `write` on a file opened in append mode, so

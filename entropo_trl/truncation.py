@@ -21,7 +21,6 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-
 OBSERVATION_MARKER = "[... {lines} lines (about {tokens} tokens) cut to fit the context ...]"
 TURNS_MARKER = "[... {turns} turns (about {tokens} tokens) omitted to fit the context ...]"
 _OBSERVATION_ROLES = ("user", "tool")
@@ -53,9 +52,11 @@ class TruncationReport:
     def __str__(self) -> str:
         if not self.truncated:
             return f"{self.tokens_before} tokens, within {self.max_tokens}"
-        return (f"{self.tokens_before} -> {self.tokens_after} tokens (budget {self.max_tokens}): "
-                f"{len(self.shortened_observations)} observations shortened, {self.dropped_turns} middle turns "
-                f"dropped, {self.cut_tokens} tokens cut")
+        return (
+            f"{self.tokens_before} -> {self.tokens_after} tokens (budget {self.max_tokens}): "
+            f"{len(self.shortened_observations)} observations shortened, {self.dropped_turns} middle turns "
+            f"dropped, {self.cut_tokens} tokens cut"
+        )
 
 
 def count_tokens(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], tools=None) -> int:
@@ -84,7 +85,7 @@ def shorten_text(text: str, keep_tokens: int, text_tokens: int) -> tuple[str, in
         head.append(line)
         used += len(line)
     tail, used = [], 0
-    for line in reversed(lines[len(head):]):
+    for line in reversed(lines[len(head) :]):
         if used + len(line) > half:
             break
         tail.append(line)
@@ -93,7 +94,7 @@ def shorten_text(text: str, keep_tokens: int, text_tokens: int) -> tuple[str, in
     cut_lines = len(lines) - len(head) - len(tail)
     if not head and not tail:  # one huge line (minified output, a long JSON blob): cut inside it
         marker = OBSERVATION_MARKER.format(lines=1, tokens=text_tokens - keep_tokens)
-        return text[:half] + "\n" + marker + "\n" + text[len(text) - half:], 1
+        return text[:half] + "\n" + marker + "\n" + text[len(text) - half :], 1
     cut_tokens = int((len(text) - sum(map(len, head)) - sum(map(len, tail))) / chars_per_token)
     marker = OBSERVATION_MARKER.format(lines=cut_lines, tokens=cut_tokens)
     joined_head = "".join(head)
@@ -104,6 +105,7 @@ def shorten_text(text: str, keep_tokens: int, text_tokens: int) -> tuple[str, in
 
 def _water_level(sizes: list[int], excess: int, floor: int, marker_cost: int) -> int:
     """The largest cap (>= floor) such that cutting every size above it down to it saves at least `excess`."""
+
     def saving(cap: int) -> int:
         return sum(max(0, s - cap - marker_cost) for s in sizes)
 
@@ -186,8 +188,9 @@ def truncate_trajectory(
     if total > max_tokens:
         starts = [i for i in assistant if i < last_assistant]
         units = [(start, (starts[k + 1] if k + 1 < len(starts) else last_assistant)) for k, start in enumerate(starts)]
-        unit_tokens = [sum(_content_tokens(tokenizer, out[j]["content"] or "") + 4 for j in range(a, b))
-                       for a, b in units]
+        unit_tokens = [
+            sum(_content_tokens(tokenizer, out[j]["content"] or "") + 4 for j in range(a, b)) for a, b in units
+        ]
         middle = (len(units) - 1) / 2
         order = sorted(range(len(units)), key=lambda k: (k == 0, abs(k - middle), k))
         dropped: set[int] = set()

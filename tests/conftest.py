@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 import torch
 
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -15,7 +14,6 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 from entropo_trl.testing import build_tiny_model, build_tiny_tokenizer  # noqa: E402
-
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 SWESMITH = FIXTURES / "swesmith_trajectories.jsonl"
@@ -106,12 +104,16 @@ def trajectory(rng, turns, words=12):
     """`turns` assistant turns, each followed by an observation except the last (which calls finish)."""
     messages = []
     for t in range(turns):
-        call = "<function=finish>\n</function>" if t == turns - 1 else (
-            "<function=execute_bash>\n<parameter=cmd>" + sentence(rng, 3) + "</parameter>\n</function>"
+        call = (
+            "<function=finish>\n</function>"
+            if t == turns - 1
+            else ("<function=execute_bash>\n<parameter=cmd>" + sentence(rng, 3) + "</parameter>\n</function>")
         )
         messages.append({"role": "assistant", "content": sentence(rng, words) + "\n" + call})
         if t < turns - 1:
-            messages.append({"role": "user", "content": "Exit code: 0\n" + sentence(rng, 2 * words) + "\nSteps Remaining: 9"})
+            messages.append(
+                {"role": "user", "content": "Exit code: 0\n" + sentence(rng, 2 * words) + "\nSteps Remaining: 9"}
+            )
     return messages
 
 
@@ -128,7 +130,13 @@ def multi_turn_pairs(n=4, seed=0, turns=3, words=12):
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
-        rows.append({"prompt": prompt_of(rng), "chosen": trajectory(rng, turns, words), "rejected": trajectory(rng, turns, words)})
+        rows.append(
+            {
+                "prompt": prompt_of(rng),
+                "chosen": trajectory(rng, turns, words),
+                "rejected": trajectory(rng, turns, words),
+            }
+        )
     return rows
 
 

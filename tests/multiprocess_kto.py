@@ -9,7 +9,6 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 
-
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import load_model, manual_logps, multi_turn_kto_rows, perturbed, training_kwargs  # noqa: E402
 
@@ -31,7 +30,10 @@ def main(workdir: str) -> None:
     rows = multi_turn_kto_rows(2, seed=1, turns=2, words=8) + multi_turn_kto_rows(2, seed=2, turns=5, words=40)
     args = EntroKTOConfig(**training_kwargs(workdir / "out", alpha=0.11, per_device_train_batch_size=2))
     trainer = EntroKTOTrainer(
-        model=perturbed(base), ref_model=load_model(model_dir), args=args, train_dataset=Dataset.from_list(rows),
+        model=perturbed(base),
+        ref_model=load_model(model_dir),
+        args=args,
+        train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
     )
     batch = next(iter(trainer.get_train_dataloader()))

@@ -2,6 +2,7 @@ import json
 from collections import Counter
 
 import pytest
+from test_trajectory import traj
 
 from entropo_trl.data import (
     CONDENSED,
@@ -17,22 +18,25 @@ from entropo_trl.sharegpt import export_sharegpt, from_sharegpt, import_sharegpt
 from entropo_trl.trajectory import Trajectory
 from entropo_trl.truncation import count_tokens
 
-from test_trajectory import traj
-
 
 def pool():
     """A synthetic pool with known rewards; the expected counts below are worked out by hand."""
     t = []
     # A: two sources, each one pass + one fail
-    t += [traj("A", 1.0, source="s1"), traj("A", 0.0, source="s1"),
-          traj("A", 1.0, source="s2", turns=3), traj("A", 0.0, source="s2", turns=4)]
-    t += [traj("B", 1.0), traj("B", 1.0)]                              # both passed
-    t += [traj("C", 0.0), traj("C", 0.0)]                              # both failed
-    t += [traj("D", 1.0), traj("D", 0.0), traj("D", 0.0, turns=3)]     # three runs of one source
-    t += [traj("E", 1.0), traj("E", 0.0, finished=False)]              # the failing run hit a limit
+    t += [
+        traj("A", 1.0, source="s1"),
+        traj("A", 0.0, source="s1"),
+        traj("A", 1.0, source="s2", turns=3),
+        traj("A", 0.0, source="s2", turns=4),
+    ]
+    t += [traj("B", 1.0), traj("B", 1.0)]  # both passed
+    t += [traj("C", 0.0), traj("C", 0.0)]  # both failed
+    t += [traj("D", 1.0), traj("D", 0.0), traj("D", 0.0, turns=3)]  # three runs of one source
+    t += [traj("E", 1.0), traj("E", 0.0, finished=False)]  # the failing run hit a limit
     t += [traj("F", 1.0), traj("F", 0.0, system="Another system prompt.")]  # prompts differ
-    no_action = Trajectory(instance_id="G", messages=traj().messages[:2], reward=0.0, source="model-a",
-                           exit_reason="llm_query_error")
+    no_action = Trajectory(
+        instance_id="G", messages=traj().messages[:2], reward=0.0, source="model-a", exit_reason="llm_query_error"
+    )
     t += [no_action, traj("G", 1.0)]
     return t
 
@@ -42,10 +46,17 @@ def test_dpo_authors_policy_counts():
     pairs = list(rows)
     assert [(p["instance_id"]) for p in pairs] == ["A", "A"]
     assert rows.stats.rows == 2 and rows.stats.trajectories == 17
-    assert rows.stats.skipped == Counter({
-        "authors policy: 3 runs, not 2": 3, "authors policy: 1 runs, not 2": 2, "authors policy: both passed": 2,
-        "authors policy: both failed": 2, "pair prompts differ": 1, "not finished": 1, "no assistant turn": 1,
-    })
+    assert rows.stats.skipped == Counter(
+        {
+            "authors policy: 3 runs, not 2": 3,
+            "authors policy: 1 runs, not 2": 2,
+            "authors policy: both passed": 2,
+            "authors policy: both failed": 2,
+            "pair prompts differ": 1,
+            "not finished": 1,
+            "no assistant turn": 1,
+        }
+    )
     for pair in pairs:
         assert pair["prompt"] == traj().messages[:2]
         assert pair["chosen"][-1]["content"].endswith("</function>") and pair["chosen"][0]["role"] == "assistant"
@@ -57,8 +68,9 @@ def test_dpo_all_policy_counts_cap_and_determinism():
     rows = build_dpo_pairs(pool(), policy="all", max_pairs_per_instance=2, seed=0)
     pairs = list(rows)
     assert Counter(p["instance_id"] for p in pairs) == {"A": 2, "D": 2}
-    assert rows.stats.skipped == Counter({"all passed": 4, "all failed": 2, "pair prompts differ": 1,
-                                          "not finished": 1, "no assistant turn": 1})
+    assert rows.stats.skipped == Counter(
+        {"all passed": 4, "all failed": 2, "pair prompts differ": 1, "not finished": 1, "no assistant turn": 1}
+    )
     assert rows.stats.extra["pairs_capped"] == 1
     uncapped = list(build_dpo_pairs(pool(), policy="all", max_pairs_per_instance=None))
     assert Counter(p["instance_id"] for p in uncapped) == {"A": 4, "D": 2}  # A: 2 passing x 2 failing
@@ -168,18 +180,28 @@ def test_sharegpt_round_trips_each_layout():
 
 
 def test_sharegpt_import_of_authors_rows_and_errors():
-    authors = {"conversations": [{"from": "human", "value": "issue"}], "system": "sys",
-               "chosen": {"from": "gpt", "value": "yes"}, "rejected": {"from": "gpt", "value": "no"}}
-    assert from_sharegpt(authors) == {"prompt": [{"role": "system", "content": "sys"},
-                                                 {"role": "user", "content": "issue"}],
-                                      "chosen": [{"role": "assistant", "content": "yes"}],
-                                      "rejected": [{"role": "assistant", "content": "no"}]}
+    authors = {
+        "conversations": [{"from": "human", "value": "issue"}],
+        "system": "sys",
+        "chosen": {"from": "gpt", "value": "yes"},
+        "rejected": {"from": "gpt", "value": "no"},
+    }
+    assert from_sharegpt(authors) == {
+        "prompt": [{"role": "system", "content": "sys"}, {"role": "user", "content": "issue"}],
+        "chosen": [{"role": "assistant", "content": "yes"}],
+        "rejected": [{"role": "assistant", "content": "no"}],
+    }
     with pytest.raises(ValueError, match=r"row 3.conversations\[0\].from: unknown ShareGPT role 'bot'"):
         from_sharegpt({"conversations": [{"from": "bot", "value": "x"}]}, index=3)
     with pytest.raises(ValueError, match="kto_tag: expected true/false"):
         from_sharegpt({"conversations": [{"from": "human", "value": "x"}], "kto_tag": "true"})
     with pytest.raises(ValueError, match="no 'conversations'"):
         from_sharegpt({"messages": []})
-    assert sharegpt_dataset_info("d", "d.json", "dpo") == {"d": {
-        "file_name": "d.json", "formatting": "sharegpt", "ranking": True,
-        "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected"}}}
+    assert sharegpt_dataset_info("d", "d.json", "dpo") == {
+        "d": {
+            "file_name": "d.json",
+            "formatting": "sharegpt",
+            "ranking": True,
+            "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected"},
+        }
+    }

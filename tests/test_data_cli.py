@@ -5,12 +5,10 @@ from pathlib import Path
 
 import datasets
 import pytest
+from test_data_builders import pool
 
 from entropo_trl.data_cli import main, percentiles
 from entropo_trl.trajectory import write_trajectories
-
-from test_data_builders import pool
-
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,8 +38,23 @@ def test_kto_to_a_datasets_folder_with_summary(pool_file, tmp_path, capsys):
 def test_dpo_to_jsonl_with_token_lengths(pool_file, tmp_path, tokenizer, capsys):
     tokenizer.save_pretrained(tmp_path / "tok")
     out_file = tmp_path / "pairs.jsonl"
-    main(["dpo", "--input", str(pool_file), "--output", str(out_file), "--on_error", "skip", "--policy", "authors",
-          "--tokenizer", str(tmp_path / "tok"), "--max_tokens", "2000"])
+    main(
+        [
+            "dpo",
+            "--input",
+            str(pool_file),
+            "--output",
+            str(out_file),
+            "--on_error",
+            "skip",
+            "--policy",
+            "authors",
+            "--tokenizer",
+            str(tmp_path / "tok"),
+            "--max_tokens",
+            "2000",
+        ]
+    )
     rows = [json.loads(line) for line in out_file.read_text().splitlines()]
     assert [r["instance_id"] for r in rows] == ["A", "A"]
     out = capsys.readouterr().out
@@ -78,9 +91,21 @@ def test_verifier_rows_and_missing_output(pool_file, tmp_path):
 
 
 def test_data_prep_script_runs(pool_file, tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "data_prep" / "build_kto.py"), "--input", str(pool_file),
-                             "--on_error", "skip", "--output", str(tmp_path / "k.jsonl")],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "data_prep" / "build_kto.py"),
+            "--input",
+            str(pool_file),
+            "--on_error",
+            "skip",
+            "--output",
+            str(tmp_path / "k.jsonl"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert "rows written: 15" in result.stdout
 

@@ -1,11 +1,10 @@
 import pytest
 import torch
+from conftest import load_model, manual_logps, multi_turn_pairs, perturbed, single_turn_pairs, training_kwargs
 from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
 from entropo_trl import EntroDPOConfig, EntroDPOTrainer, entropo_dpo_loss
-
-from conftest import load_model, manual_logps, multi_turn_pairs, perturbed, single_turn_pairs, training_kwargs
 
 
 def _train_one_step(trainer_cls, config_cls, policy, ref, tokenizer, rows, tmp_path, **config):
@@ -26,8 +25,14 @@ def test_matches_trl_dpo_at_alpha_equal_beta(tiny_model_dir, tokenizer, tmp_path
     policy = perturbed(base)
     rows = single_turn_pairs(4)
     ours = _train_one_step(
-        EntroDPOTrainer, EntroDPOConfig, perturbed(base), load_model(tiny_model_dir), tokenizer, rows,
-        tmp_path / "ours", assistant_only=False,
+        EntroDPOTrainer,
+        EntroDPOConfig,
+        perturbed(base),
+        load_model(tiny_model_dir),
+        tokenizer,
+        rows,
+        tmp_path / "ours",
+        assistant_only=False,
     )
     trl = _train_one_step(
         DPOTrainer, DPOConfig, perturbed(base), load_model(tiny_model_dir), tokenizer, rows, tmp_path / "trl"
@@ -56,6 +61,7 @@ def test_real_trajectories_logps_are_assistant_token_sums(tmp_path):
     """On real SWE-smith trajectories the trainer's per-sequence log-probs are sums over exactly the assistant tokens,
     and its loss at alpha=0.11, beta=0.1 is eq. (6) of those sums."""
     from conftest import swesmith_rows
+
     from entropo_trl.multiturn import assistant_token_mask
     from entropo_trl.testing import build_tiny_model, build_tiny_tokenizer
 
@@ -72,8 +78,11 @@ def test_real_trajectories_logps_are_assistant_token_sums(tmp_path):
         pairs.append({"prompt": row["prompt"], "chosen": completion, "rejected": rejected})
     args = EntroDPOConfig(**training_kwargs(tmp_path / "out", alpha=0.11, per_device_train_batch_size=1))
     trainer = EntroDPOTrainer(
-        model=perturbed(base), ref_model=load_model(tmp_path / "base"), args=args,
-        train_dataset=Dataset.from_list(pairs), processing_class=tokenizer,
+        model=perturbed(base),
+        ref_model=load_model(tmp_path / "base"),
+        args=args,
+        train_dataset=Dataset.from_list(pairs),
+        processing_class=tokenizer,
     )
     policy_copy = perturbed(base)
     for index, pair in enumerate(pairs):
@@ -106,8 +115,15 @@ def test_multi_turn_with_gradient_checkpointing_trains_assistant_tokens(tiny_mod
     base = load_model(tiny_model_dir)
     start = perturbed(base)
     trainer = _train_one_step(
-        EntroDPOTrainer, EntroDPOConfig, perturbed(base), load_model(tiny_model_dir), tokenizer, multi_turn_pairs(4),
-        tmp_path, alpha=0.11, gradient_checkpointing=True,
+        EntroDPOTrainer,
+        EntroDPOConfig,
+        perturbed(base),
+        load_model(tiny_model_dir),
+        tokenizer,
+        multi_turn_pairs(4),
+        tmp_path,
+        alpha=0.11,
+        gradient_checkpointing=True,
     )
     log = _first_log(trainer)
     assert log["entropo/alpha"] == pytest.approx(0.11)
@@ -121,8 +137,11 @@ def test_peft_lora_without_reference_model(tiny_model_dir, tokenizer, tmp_path):
 
     args = EntroDPOConfig(**training_kwargs(tmp_path, alpha=0.11, learning_rate=0.05, optim="adamw_torch"))
     trainer = EntroDPOTrainer(
-        model=load_model(tiny_model_dir), args=args, train_dataset=Dataset.from_list(multi_turn_pairs(4)),
-        processing_class=tokenizer, peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+        model=load_model(tiny_model_dir),
+        args=args,
+        train_dataset=Dataset.from_list(multi_turn_pairs(4)),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
     )
     assert trainer.ref_model is None
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
@@ -152,11 +171,12 @@ def test_precomputed_reference_is_reused_across_alphas(tiny_model_dir, tokenizer
     losses = {}
     for alpha in (0.1, 0.13):
         calls["n"] = 0
-        args = EntroDPOConfig(
-            **training_kwargs(tmp_path / str(alpha), alpha=alpha, precompute_ref_log_probs=True)
-        )
+        args = EntroDPOConfig(**training_kwargs(tmp_path / str(alpha), alpha=alpha, precompute_ref_log_probs=True))
         trainer = EntroDPOTrainer(
-            model=perturbed(base), ref_model=load_model(tiny_model_dir), args=args, train_dataset=dataset,
+            model=perturbed(base),
+            ref_model=load_model(tiny_model_dir),
+            args=args,
+            train_dataset=dataset,
             processing_class=tokenizer,
         )
         precompute_calls = calls["n"]
@@ -194,7 +214,9 @@ def test_unsupported_options_raise_naming_them(option, value, tmp_path, tiny_mod
     setattr(args, option, value)
     with pytest.raises(ValueError, match=option):
         EntroDPOTrainer(
-            model=load_model(tiny_model_dir), args=args, train_dataset=Dataset.from_list(single_turn_pairs(2)),
+            model=load_model(tiny_model_dir),
+            args=args,
+            train_dataset=Dataset.from_list(single_turn_pairs(2)),
             processing_class=tokenizer,
         )
 
@@ -210,8 +232,10 @@ def test_invalid_alpha_raises_and_small_alpha_warns(tmp_path):
 def test_plain_dpo_config_is_refused(tiny_model_dir, tokenizer, tmp_path):
     with pytest.raises(TypeError, match="EntroDPOConfig"):
         EntroDPOTrainer(
-            model=load_model(tiny_model_dir), args=DPOConfig(**training_kwargs(tmp_path)),
-            train_dataset=Dataset.from_list(single_turn_pairs(2)), processing_class=tokenizer,
+            model=load_model(tiny_model_dir),
+            args=DPOConfig(**training_kwargs(tmp_path)),
+            train_dataset=Dataset.from_list(single_turn_pairs(2)),
+            processing_class=tokenizer,
         )
 
 
@@ -219,7 +243,10 @@ def test_plain_dpo_config_is_refused(tiny_model_dir, tokenizer, tmp_path):
     "mutate, message",
     [
         (lambda row: row.update(rejected=[]), r"row 1, field 'rejected': empty"),
-        (lambda row: row.update(chosen=[{"role": "user", "content": "only an observation"}]), r"row 1, field 'chosen'.*assistant"),
+        (
+            lambda row: row.update(chosen=[{"role": "user", "content": "only an observation"}]),
+            r"row 1, field 'chosen'.*assistant",
+        ),
         (lambda row: row.update(prompt=[]), r"row 1, field 'prompt': empty"),
     ],
 )
@@ -228,8 +255,10 @@ def test_malformed_rows_raise_with_row_and_field(mutate, message, tiny_model_dir
     mutate(rows[1])
     with pytest.raises(ValueError, match=message):
         EntroDPOTrainer(
-            model=load_model(tiny_model_dir), args=EntroDPOConfig(**training_kwargs(tmp_path)),
-            train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+            model=load_model(tiny_model_dir),
+            args=EntroDPOConfig(**training_kwargs(tmp_path)),
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
         )
 
 
@@ -237,8 +266,10 @@ def test_missing_column_raises(tiny_model_dir, tokenizer, tmp_path):
     rows = [{k: v for k, v in row.items() if k != "rejected"} for row in multi_turn_pairs(2)]
     with pytest.raises(ValueError, match="rejected"):
         EntroDPOTrainer(
-            model=load_model(tiny_model_dir), args=EntroDPOConfig(**training_kwargs(tmp_path)),
-            train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+            model=load_model(tiny_model_dir),
+            args=EntroDPOConfig(**training_kwargs(tmp_path)),
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
         )
 
 
@@ -247,15 +278,19 @@ def test_prepared_dataset_is_accepted_as_is(tiny_model_dir, tokenizer, tmp_path)
     to sweep alpha without tokenizing the trajectories again."""
     rows = multi_turn_pairs(3)
     first = EntroDPOTrainer(
-        model=load_model(tiny_model_dir), ref_model=load_model(tiny_model_dir),
-        args=EntroDPOConfig(**training_kwargs(tmp_path / "a")), train_dataset=Dataset.from_list(rows),
+        model=load_model(tiny_model_dir),
+        ref_model=load_model(tiny_model_dir),
+        args=EntroDPOConfig(**training_kwargs(tmp_path / "a")),
+        train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
     )
     prepared = first.train_dataset
     assert {"prompt_ids", "chosen_ids", "chosen_assistant_mask"} <= set(prepared.column_names)
     second = EntroDPOTrainer(
-        model=load_model(tiny_model_dir), ref_model=load_model(tiny_model_dir),
-        args=EntroDPOConfig(**training_kwargs(tmp_path / "b", alpha=0.12)), train_dataset=prepared,
+        model=load_model(tiny_model_dir),
+        ref_model=load_model(tiny_model_dir),
+        args=EntroDPOConfig(**training_kwargs(tmp_path / "b", alpha=0.12)),
+        train_dataset=prepared,
         processing_class=tokenizer,
     )
     assert second.train_dataset[:] == prepared[:]

@@ -1,13 +1,10 @@
-import math
-
 import pytest
 import torch
+from conftest import load_model, manual_logps, multi_turn_kto_rows, perturbed, training_kwargs
 from datasets import Dataset
 from trl import KTOConfig, KTOTrainer
 
 from entropo_trl import EntroKTOConfig, EntroKTOTrainer, assistant_token_mask, entropo_kto_loss, entropo_kto_z0
-
-from conftest import load_model, manual_logps, multi_turn_kto_rows, perturbed, training_kwargs
 
 
 def single_turn_kto_rows(n=4, seed=0):
@@ -50,8 +47,15 @@ def test_matches_trl_kto_with_clamp_at_alpha_equal_beta(tiny_model_dir, tokenize
     start = make_policy()
     rows = single_turn_kto_rows(4)
     ours = _train(
-        EntroKTOTrainer, EntroKTOConfig, make_policy(), make_ref(), tokenizer, rows,
-        tmp_path / "ours", assistant_only=False, z0_clamp=True,
+        EntroKTOTrainer,
+        EntroKTOConfig,
+        make_policy(),
+        make_ref(),
+        tokenizer,
+        rows,
+        tmp_path / "ours",
+        assistant_only=False,
+        z0_clamp=True,
     )
     trl = _train(KTOTrainer, KTOConfig, make_policy(), make_ref(), tokenizer, rows, tmp_path / "trl")
     ours_log, trl_log = _first_log(ours), _first_log(trl)
@@ -96,16 +100,27 @@ def test_unclamped_default_keeps_gradients_on_long_trajectories(tiny_model_dir, 
     grad_norms = {}
     for clamp in (False, True):
         trainer = _trainer(
-            perturbed(base, scale=0.01), load_model(tiny_model_dir), tokenizer, rows, tmp_path / str(clamp),
-            alpha=0.11, z0_clamp=clamp, per_device_train_batch_size=4,
-            desirable_weight=weights[0], undesirable_weight=weights[1],
+            perturbed(base, scale=0.01),
+            load_model(tiny_model_dir),
+            tokenizer,
+            rows,
+            tmp_path / str(clamp),
+            alpha=0.11,
+            z0_clamp=clamp,
+            per_device_train_batch_size=4,
+            desirable_weight=weights[0],
+            undesirable_weight=weights[1],
         )
         batch = next(iter(trainer.get_train_dataloader()))
-        assert int(batch["completion_mask"].sum(1).min()) > 200, "trajectories must have a few hundred assistant tokens"
+        assert int(batch["completion_mask"].sum(1).min()) > 200, (
+            "trajectories must have a few hundred assistant tokens"
+        )
         trainer.model.train()
         loss = trainer.compute_loss(trainer.model, batch)
         loss.backward()
-        grad_norms[clamp] = torch.sqrt(sum((p.grad**2).sum() for p in trainer.model.parameters() if p.grad is not None))
+        grad_norms[clamp] = torch.sqrt(
+            sum((p.grad**2).sum() for p in trainer.model.parameters() if p.grad is not None)
+        )
         z0 = trainer._metrics["train"]["entropo/z0"][-1]
         if clamp:
             assert z0 == 0.0
@@ -119,8 +134,13 @@ def test_logged_z0_is_the_unclamped_mean_of_the_kl_samples(tiny_model_dir, token
     base = load_model(tiny_model_dir)
     alpha, beta = 0.11, 0.1
     trainer = _trainer(
-        perturbed(base), load_model(tiny_model_dir), tokenizer, multi_turn_kto_rows(4, turns=3, words=30),
-        tmp_path, alpha=alpha, per_device_train_batch_size=4,
+        perturbed(base),
+        load_model(tiny_model_dir),
+        tokenizer,
+        multi_turn_kto_rows(4, turns=3, words=30),
+        tmp_path,
+        alpha=alpha,
+        per_device_train_batch_size=4,
     )
     batch, kl, ref_kl, logps, ref_logps = _kl_batch_manual(trainer, perturbed(base), base, alpha, beta)
     trainer.train()
@@ -141,8 +161,14 @@ def test_reference_code_variant_matches_the_authors_formula(tiny_model_dir, toke
     alpha, beta = 0.105, 0.1
     # a strongly moved reference gives a positive z (the authors clamp it at 0)
     trainer = _trainer(
-        load_model(tiny_model_dir), perturbed(base, scale=0.6), tokenizer, multi_turn_kto_rows(4), tmp_path,
-        alpha=alpha, kto_variant="reference_code", per_device_train_batch_size=4,
+        load_model(tiny_model_dir),
+        perturbed(base, scale=0.6),
+        tokenizer,
+        multi_turn_kto_rows(4),
+        tmp_path,
+        alpha=alpha,
+        kto_variant="reference_code",
+        per_device_train_batch_size=4,
     )
     ref = perturbed(base, scale=0.6)
     batch, kl, ref_kl, logps, ref_logps = _kl_batch_manual(trainer, base, ref, alpha, beta)
@@ -157,6 +183,7 @@ def test_reference_code_variant_matches_the_authors_formula(tiny_model_dir, toke
 
 def test_real_trajectories_logps_are_assistant_token_sums(tmp_path):
     from conftest import swesmith_rows
+
     from entropo_trl.testing import build_tiny_model, build_tiny_tokenizer
 
     rows = [{**row, "label": i != 1} for i, row in enumerate(swesmith_rows())]
@@ -165,9 +192,13 @@ def test_real_trajectories_logps_are_assistant_token_sums(tmp_path):
     build_tiny_model(tokenizer).save_pretrained(tmp_path / "base")
     base = load_model(tmp_path / "base")
     trainer = _trainer(
-        perturbed(base), load_model(tmp_path / "base"), tokenizer,
-        [{k: r[k] for k in ("prompt", "completion", "label")} for r in rows], tmp_path / "out",
-        alpha=0.11, per_device_train_batch_size=3,
+        perturbed(base),
+        load_model(tmp_path / "base"),
+        tokenizer,
+        [{k: r[k] for k in ("prompt", "completion", "label")} for r in rows],
+        tmp_path / "out",
+        alpha=0.11,
+        per_device_train_batch_size=3,
     )
     batch, kl, ref_kl, logps, ref_logps = _kl_batch_manual(trainer, perturbed(base), base, 0.11, 0.1)
     for i, row in enumerate(rows):
@@ -188,8 +219,11 @@ def test_peft_lora_without_reference_model(tiny_model_dir, tokenizer, tmp_path):
 
     args = EntroKTOConfig(**training_kwargs(tmp_path, alpha=0.11, learning_rate=0.05, optim="adamw_torch"))
     trainer = EntroKTOTrainer(
-        model=load_model(tiny_model_dir), args=args, train_dataset=Dataset.from_list(multi_turn_kto_rows(4)),
-        processing_class=tokenizer, peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+        model=load_model(tiny_model_dir),
+        args=args,
+        train_dataset=Dataset.from_list(multi_turn_kto_rows(4)),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
     )
     assert trainer.ref_model is None
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
@@ -217,7 +251,10 @@ def test_precomputed_reference_is_reused_across_alphas(tiny_model_dir, tokenizer
         calls["n"] = 0
         args = EntroKTOConfig(**training_kwargs(tmp_path / str(alpha), alpha=alpha, precompute_ref_log_probs=True))
         trainer = EntroKTOTrainer(
-            model=perturbed(base), ref_model=load_model(tiny_model_dir), args=args, train_dataset=dataset,
+            model=perturbed(base),
+            ref_model=load_model(tiny_model_dir),
+            args=args,
+            train_dataset=dataset,
             processing_class=tokenizer,
         )
         counts.append(calls["n"])
@@ -239,7 +276,9 @@ def test_unsupported_options_raise_naming_them(option, value, tmp_path, tiny_mod
     setattr(args, option, value)
     with pytest.raises(ValueError, match=option):
         EntroKTOTrainer(
-            model=load_model(tiny_model_dir), args=args, train_dataset=Dataset.from_list(single_turn_kto_rows(2)),
+            model=load_model(tiny_model_dir),
+            args=args,
+            train_dataset=Dataset.from_list(single_turn_kto_rows(2)),
             processing_class=tokenizer,
         )
 
@@ -257,7 +296,10 @@ def test_invalid_config_values_raise(tmp_path):
     "mutate, message",
     [
         (lambda row: row.update(completion=[]), r"row 2, field 'completion': empty"),
-        (lambda row: row.update(completion=[{"role": "user", "content": "obs"}]), r"row 2, field 'completion'.*assistant"),
+        (
+            lambda row: row.update(completion=[{"role": "user", "content": "obs"}]),
+            r"row 2, field 'completion'.*assistant",
+        ),
         (lambda row: row.update(label=None), r"row 2, field 'label'"),
     ],
 )
@@ -276,7 +318,11 @@ def test_missing_label_column_raises(tiny_model_dir, tokenizer, tmp_path):
 
 def test_kl_samples_use_assistant_masks(tiny_model_dir, tokenizer, tmp_path):
     trainer = _trainer(
-        load_model(tiny_model_dir), load_model(tiny_model_dir), tokenizer, multi_turn_kto_rows(4), tmp_path,
+        load_model(tiny_model_dir),
+        load_model(tiny_model_dir),
+        tokenizer,
+        multi_turn_kto_rows(4),
+        tmp_path,
         per_device_train_batch_size=4,
     )
     batch = next(iter(trainer.get_train_dataloader()))

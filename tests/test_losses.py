@@ -16,7 +16,12 @@ def sigmoid(x):
 def test_dpo_hand_computed():
     # logits = 0.11 * (-10 - -12) - 0.1 * (-11 - -11) = 0.22
     losses, chosen_rewards, rejected_rewards = entropo_dpo_loss(
-        torch.tensor([-10.0]), torch.tensor([-12.0]), torch.tensor([-11.0]), torch.tensor([-11.0]), alpha=0.11, beta=0.1
+        torch.tensor([-10.0]),
+        torch.tensor([-12.0]),
+        torch.tensor([-11.0]),
+        torch.tensor([-11.0]),
+        alpha=0.11,
+        beta=0.1,
     )
     assert losses.item() == pytest.approx(math.log1p(math.exp(-0.22)), abs=1e-6)
     assert chosen_rewards.item() == pytest.approx(0.11 * -10 - 0.1 * -11, abs=1e-6)  # 0.0
@@ -41,7 +46,9 @@ def test_dpo_entropy_term_changes_the_loss():
 
 def test_dpo_gradients_scale_with_alpha():
     c = torch.tensor([-10.0], requires_grad=True)
-    loss, _, _ = entropo_dpo_loss(c, torch.tensor([-12.0]), torch.tensor([-11.0]), torch.tensor([-11.0]), alpha=0.11, beta=0.1)
+    loss, _, _ = entropo_dpo_loss(
+        c, torch.tensor([-12.0]), torch.tensor([-11.0]), torch.tensor([-11.0]), alpha=0.11, beta=0.1
+    )
     loss.sum().backward()
     assert c.grad.item() == pytest.approx(-0.11 * (1 - sigmoid(0.22)), abs=1e-6)
 
@@ -79,17 +86,30 @@ def test_kto_loss_paper_hand_computed():
     z0 = ((-15 + 14 * beta / alpha) + (-17 + 18 * beta / alpha)) / 2
     r = [LOGPS[0] - beta / alpha * REF[0], LOGPS[1] - beta / alpha * REF[1]]  # [0, -2.7272...]
     losses, rewards = entropo_kto_loss(
-        torch.tensor(LOGPS), torch.tensor(REF), torch.tensor(LABELS), torch.tensor(z0), alpha=alpha, beta=beta,
-        desirable_weight=1.5, undesirable_weight=0.5,
+        torch.tensor(LOGPS),
+        torch.tensor(REF),
+        torch.tensor(LABELS),
+        torch.tensor(z0),
+        alpha=alpha,
+        beta=beta,
+        desirable_weight=1.5,
+        undesirable_weight=0.5,
     )
     assert losses[0].item() == pytest.approx(1.5 * (1 - sigmoid(alpha * (r[0] - z0))), abs=1e-6)
     assert losses[1].item() == pytest.approx(0.5 * (1 - sigmoid(alpha * (z0 - r[1]))), abs=1e-6)
-    assert rewards.tolist() == pytest.approx([alpha * LOGPS[0] - beta * REF[0], alpha * LOGPS[1] - beta * REF[1]], abs=1e-5)
+    assert rewards.tolist() == pytest.approx(
+        [alpha * LOGPS[0] - beta * REF[0], alpha * LOGPS[1] - beta * REF[1]], abs=1e-5
+    )
 
 
 def test_kto_loss_reference_code_hand_computed():
     losses, rewards = entropo_kto_loss(
-        torch.tensor(LOGPS), torch.tensor(REF), torch.tensor(LABELS), 0.5, alpha=0.11, beta=0.1,
+        torch.tensor(LOGPS),
+        torch.tensor(REF),
+        torch.tensor(LABELS),
+        0.5,
+        alpha=0.11,
+        beta=0.1,
         variant="reference_code",
     )
     assert losses[0].item() == pytest.approx(1 - sigmoid(0.1 * (1.0 - 0.5)), abs=1e-6)

@@ -3,11 +3,10 @@
 import random
 
 import pytest
+from conftest import load_swesmith, prompt_of, trajectory
 
 from entropo_trl import TemplateNotPrefixPreservingError, assistant_token_mask, tokenize_prompt_completion
 from entropo_trl.testing import build_tiny_tokenizer
-
-from conftest import load_swesmith, prompt_of, trajectory
 
 
 def masked_spans(tokenizer, ids, mask):

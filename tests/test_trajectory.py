@@ -17,7 +17,6 @@ from entropo_trl.trajectory import (
     write_trajectories,
 )
 
-
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 
 
@@ -28,18 +27,36 @@ def _fixture(name):
     return path
 
 
-def traj(instance="inst-1", reward=1.0, turns=2, system="You are an agent.", issue="Fix the bug.", finished=True,
-         source="model-a", **extra):
+def traj(
+    instance="inst-1",
+    reward=1.0,
+    turns=2,
+    system="You are an agent.",
+    issue="Fix the bug.",
+    finished=True,
+    source="model-a",
+    **extra,
+):
     messages = [{"role": "system", "content": system}, {"role": "user", "content": issue}]
     for t in range(turns):
         last = t == turns - 1
-        call = "<function=finish>\n<parameter=command>submit</parameter>\n</function>" if last and finished else (
-            f"<function=execute_bash>\n<parameter=cmd>ls {t}</parameter>\n</function>")
+        call = (
+            "<function=finish>\n<parameter=command>submit</parameter>\n</function>"
+            if last and finished
+            else (f"<function=execute_bash>\n<parameter=cmd>ls {t}</parameter>\n</function>")
+        )
         messages.append({"role": "assistant", "content": f"step {t}\n{call}"})
         if not last:
             messages.append({"role": "user", "content": f"Exit code: 0\nfile_{t}.py\nSteps Remaining: {99 - t}"})
-    return Trajectory(instance_id=instance, messages=messages, reward=reward, finished=finished,
-                      num_steps=turns, source=source, **extra)
+    return Trajectory(
+        instance_id=instance,
+        messages=messages,
+        reward=reward,
+        finished=finished,
+        num_steps=turns,
+        source=source,
+        **extra,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -89,9 +106,18 @@ def test_r2egym_fixture_parses_with_real_prompts():
 
 def test_write_then_read_round_trips(tmp_path):
     pool = tmp_path / "pool.jsonl"
-    records = [traj("a", 1.0, regression_pass_count=3, reproduction_score=2.0, verifier_prob=0.7,
-                    episode_id="a/0", metadata={"k": [1, 2]}),
-               traj("b", 0.0, finished=False, exit_reason="max_step_limit")]
+    records = [
+        traj(
+            "a",
+            1.0,
+            regression_pass_count=3,
+            reproduction_score=2.0,
+            verifier_prob=0.7,
+            episode_id="a/0",
+            metadata={"k": [1, 2]},
+        ),
+        traj("b", 0.0, finished=False, exit_reason="max_step_limit"),
+    ]
     assert write_trajectories(pool, records[:1]) == 1
     assert write_trajectories(pool, records[1:]) == 1  # appends
     assert list(read_trajectories(pool)) == records
@@ -166,22 +192,39 @@ def _entropo(**changes):
 
 _DELETE = object()
 MESSAGES = GOOD["messages"]
-R2E = {"trajectory_steps": [], "history": MESSAGES, "docker_image": "img.x86_64.repo__name-1", "exp_name": "run",
-       "exit_reason": "agent", "output_patch": "", "reward": 1.0, "ds": {"instance_id": "repo__name-1"}}
+R2E = {
+    "trajectory_steps": [],
+    "history": MESSAGES,
+    "docker_image": "img.x86_64.repo__name-1",
+    "exp_name": "run",
+    "exit_reason": "agent",
+    "output_patch": "",
+    "reward": 1.0,
+    "ds": {"instance_id": "repo__name-1"},
+}
 
 MALFORMED = {
     # name: (line content, field named in the error or None, reason counted)
     "bad JSON": ('{"instance_id": "x", "messages": [', None, "invalid JSON"),
     "not an object": ("[1, 2, 3]", None, "not an object"),
     "unknown format": ('{"foo": 1}', None, "unknown format"),
-    "missing role": (_entropo(messages=[MESSAGES[0], {"content": "issue"}, MESSAGES[2]]), "messages[1].role",
-                     "missing role"),
-    "unknown role": (_entropo(messages=[MESSAGES[0], {"role": "robot", "content": "hi"}]), "messages[1].role",
-                     "unknown role"),
+    "missing role": (
+        _entropo(messages=[MESSAGES[0], {"content": "issue"}, MESSAGES[2]]),
+        "messages[1].role",
+        "missing role",
+    ),
+    "unknown role": (
+        _entropo(messages=[MESSAGES[0], {"role": "robot", "content": "hi"}]),
+        "messages[1].role",
+        "unknown role",
+    ),
     "empty messages": (_entropo(messages=[]), "messages", "empty messages"),
     "messages not a list": (_entropo(messages="hello"), "messages", "messages not a list"),
-    "non-string content": (_entropo(messages=[MESSAGES[0], {"role": "user", "content": ["a", "b"]}]),
-                           "messages[1].content", "non-string content"),
+    "non-string content": (
+        _entropo(messages=[MESSAGES[0], {"role": "user", "content": ["a", "b"]}]),
+        "messages[1].content",
+        "non-string content",
+    ),
     "no user message": (_entropo(messages=[MESSAGES[0], MESSAGES[2]]), "messages", "no user turn"),
     "NaN reward": (_entropo(reward=math.nan), "reward", "invalid reward"),
     "string reward": (_entropo(reward="1"), "reward", "invalid reward"),
@@ -191,12 +234,21 @@ MALFORMED = {
     "finished not a bool": (_entropo(finished="yes"), "finished", "invalid finished"),
     "unknown field": (_entropo(rewrd=1.0), "rewrd", "unknown field"),
     "R2E without history": (json.dumps({**R2E, "history": None}), "history", "missing history"),
-    "R2E without instance id": (json.dumps({**R2E, "ds": {}, "docker_image": ""}), "ds.instance_id",
-                                "missing instance_id"),
-    "R2E bad reproduction scores": (json.dumps({**R2E, "reproduction_test_scores": ["1"]}),
-                                    "reproduction_test_scores", "invalid reproduction_test_scores"),
-    "SWE-smith resolved not a bool": (json.dumps({"instance_id": "x", "messages": MESSAGES, "resolved": "yes"}),
-                                      "resolved", "invalid resolved"),
+    "R2E without instance id": (
+        json.dumps({**R2E, "ds": {}, "docker_image": ""}),
+        "ds.instance_id",
+        "missing instance_id",
+    ),
+    "R2E bad reproduction scores": (
+        json.dumps({**R2E, "reproduction_test_scores": ["1"]}),
+        "reproduction_test_scores",
+        "invalid reproduction_test_scores",
+    ),
+    "SWE-smith resolved not a bool": (
+        json.dumps({"instance_id": "x", "messages": MESSAGES, "resolved": "yes"}),
+        "resolved",
+        "invalid resolved",
+    ),
 }
 
 
@@ -205,8 +257,13 @@ def test_malformed_line_raises_with_file_line_and_field(name, tmp_path):
     content, field, reason = MALFORMED[name]
     pool = tmp_path / "pool.jsonl"
     # the bad record on line 3, after a blank line and a good record of the same layout (auto-detected from line 1)
-    first = json.dumps(R2E) if name.startswith("R2E") else json.dumps(
-        {"instance_id": "ok", "messages": MESSAGES}) if name.startswith("SWE-smith") else json.dumps(GOOD)
+    first = (
+        json.dumps(R2E)
+        if name.startswith("R2E")
+        else json.dumps({"instance_id": "ok", "messages": MESSAGES})
+        if name.startswith("SWE-smith")
+        else json.dumps(GOOD)
+    )
     line, good = (1, 0) if name == "unknown format" else (3, 1)  # an undetectable first record: nothing to follow
     pool.write_text(content + "\n" if line == 1 else first + "\n\n" + content + "\n")
     with pytest.raises(TrajectoryFormatError) as info:
@@ -224,8 +281,14 @@ def test_malformed_line_raises_with_file_line_and_field(name, tmp_path):
 
 def test_invalid_utf8_and_truncated_last_line(tmp_path):
     pool = tmp_path / "pool.jsonl"
-    pool.write_bytes(json.dumps(GOOD).encode() + b"\n" + b'{"instance_id": "\xff\xfe"}\n' + json.dumps(GOOD).encode()
-                     + b"\n" + json.dumps(GOOD).encode()[:40])
+    pool.write_bytes(
+        json.dumps(GOOD).encode()
+        + b"\n"
+        + b'{"instance_id": "\xff\xfe"}\n'
+        + json.dumps(GOOD).encode()
+        + b"\n"
+        + json.dumps(GOOD).encode()[:40]
+    )
     with pytest.raises(TrajectoryFormatError, match=r"line 2: invalid UTF-8"):
         list(read_trajectories(pool))
     stats = ReadStats()
