@@ -1,25 +1,49 @@
-"""entropo-trl: EntroPO (entropy-enhanced multi-turn preference optimisation) for coding agents, on TRL."""
+"""entropo-trl: EntroPO (entropy-enhanced multi-turn preference optimisation) for coding agents, on TRL.
 
-from .dpo_config import EntroDPOConfig
-from .dpo_trainer import DataCollatorForMultiTurnPreference, EntroDPOTrainer
-from .kto_config import EntroKTOConfig
-from .kto_trainer import DataCollatorForMultiTurnUnpairedPreference, EntroKTOTrainer
-from .losses import entropo_dpo_loss, entropo_kto_loss, entropo_kto_z0
-from .multiturn import TemplateNotPrefixPreservingError, assistant_token_mask, tokenize_prompt_completion
+The trainers and losses are imported on first use, so that the data and rollout tools (`entropo-data`,
+`entropo-rollout`) start without loading torch and TRL.
+"""
+
+import importlib
+from typing import TYPE_CHECKING
+
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "DataCollatorForMultiTurnPreference",
-    "DataCollatorForMultiTurnUnpairedPreference",
-    "EntroDPOConfig",
-    "EntroDPOTrainer",
-    "EntroKTOConfig",
-    "EntroKTOTrainer",
-    "TemplateNotPrefixPreservingError",
-    "assistant_token_mask",
-    "entropo_dpo_loss",
-    "entropo_kto_loss",
-    "entropo_kto_z0",
-    "tokenize_prompt_completion",
-]
+_EXPORTS = {
+    "EntroDPOConfig": ".dpo_config",
+    "DataCollatorForMultiTurnPreference": ".dpo_trainer",
+    "EntroDPOTrainer": ".dpo_trainer",
+    "EntroKTOConfig": ".kto_config",
+    "DataCollatorForMultiTurnUnpairedPreference": ".kto_trainer",
+    "EntroKTOTrainer": ".kto_trainer",
+    "entropo_dpo_loss": ".losses",
+    "entropo_kto_loss": ".losses",
+    "entropo_kto_z0": ".losses",
+    "TemplateNotPrefixPreservingError": ".multiturn",
+    "assistant_token_mask": ".multiturn",
+    "tokenize_prompt_completion": ".multiturn",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .dpo_config import EntroDPOConfig
+    from .dpo_trainer import DataCollatorForMultiTurnPreference, EntroDPOTrainer
+    from .kto_config import EntroKTOConfig
+    from .kto_trainer import DataCollatorForMultiTurnUnpairedPreference, EntroKTOTrainer
+    from .losses import entropo_dpo_loss, entropo_kto_loss, entropo_kto_z0
+    from .multiturn import TemplateNotPrefixPreservingError, assistant_token_mask, tokenize_prompt_completion

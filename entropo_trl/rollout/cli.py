@@ -1,0 +1,102 @@
+"""`entropo-rollout`: N rollouts per task into an append-only, resumable trajectory pool.
+
+    entropo-rollout --tasks tasks/ --pool pool.jsonl --base_url http://127.0.0.1:8000/v1 \\
+        --model Qwen/Qwen3-Coder-30B-A3B-Instruct --n 16 --concurrency 32
+    entropo-rollout --tasks swebench_verified.jsonl --sandbox docker --serve_vllm Qwen/Qwen3-Coder-30B-A3B-Instruct \\
+        --tensor_parallel_size 4 --pool pool.jsonl
+    entropo-rollout --tasks toy_tasks/ --serve_transformers ./tiny-model --pool pool.jsonl --max_steps 10
+
+Rerunning the same command resumes: episodes already in the pool are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from .client import ChatClient, SamplingParams
+from .runner import RolloutConfig, run_rollouts
+from .tasks import load_tasks
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="entropo-rollout", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", required=True, help="a folder of local tasks or a SWE-bench-format JSON/JSONL file")
+    parser.add_argument("--pool", required=True, help="the JSONL pool to append trajectories to")
+    parser.add_argument("--base_url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
+    parser.add_argument("--model", help="model name sent to the endpoint (and recorded as the source)")
+    parser.add_argument("--api_key", default=None)
+    parser.add_argument("--serve_vllm", metavar="MODEL", help="start `vllm serve MODEL` and use it")
+    parser.add_argument("--serve_transformers", metavar="PATH", help="serve a local model with transformers (CPU)")
+    parser.add_argument("--tensor_parallel_size", type=int, default=1)
+    parser.add_argument("--data_parallel_size", type=int, default=1)
+    parser.add_argument("--source", help="source recorded in the trajectories (default: the model name)")
+    parser.add_argument("--n", type=int, default=1, help="rollouts per task")
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--max_steps", type=int, default=100)
+    parser.add_argument("--max_context_tokens", type=int, default=65_536)
+    parser.add_argument("--max_tokens", type=int, default=16_384, help="tokens per completion")
+    parser.add_argument("--tool_timeout", type=float, default=90.0)
+    parser.add_argument("--max_episode_seconds", type=float, default=50_000.0)
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--top_p", type=float, default=0.8)
+    parser.add_argument("--top_k", type=int, default=20)
+    parser.add_argument("--repetition_penalty", type=float, default=1.05)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--sandbox", choices=["local", "docker"], default="local")
+    parser.add_argument("--no_oracle", action="store_true", help="do not run the tests (reward stays 0)")
+    parser.add_argument("--limit", type=int, help="only the first N tasks")
+    return parser
+
+
+async def _run(args, base_url: str, model: str):
+    tasks = load_tasks(args.tasks)[: args.limit]
+    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                              repetition_penalty=args.repetition_penalty, max_tokens=args.max_tokens, seed=args.seed)
+    config = RolloutConfig(
+        n=args.n, concurrency=args.concurrency, max_steps=args.max_steps, max_context_tokens=args.max_context_tokens,
+        max_tokens_per_call=args.max_tokens, tool_timeout=args.tool_timeout,
+        max_episode_seconds=args.max_episode_seconds, sampling=sampling, source=args.source, sandbox=args.sandbox,
+        oracle=not args.no_oracle,
+    )
+    async with ChatClient(base_url, model, api_key=args.api_key, max_context_tokens=args.max_context_tokens,
+                          max_concurrency=args.concurrency) as client:
+        return await run_rollouts(tasks, client, args.pool, config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    sources = sum(x is not None for x in (args.base_url, args.serve_vllm, args.serve_transformers))
+    if sources != 1:
+        raise SystemExit("give exactly one of --base_url, --serve_vllm MODEL, --serve_transformers PATH")
+    server = None
+    try:
+        if args.serve_vllm:
+            from .serve import start_vllm_server
+
+            server = start_vllm_server(args.serve_vllm, tensor_parallel_size=args.tensor_parallel_size,
+                                       data_parallel_size=args.data_parallel_size,
+                                       max_model_len=args.max_context_tokens)
+            base_url, model = server.base_url, args.model or args.serve_vllm
+        elif args.serve_transformers:
+            from .serve import serve_transformers
+
+            server = serve_transformers(args.serve_transformers)
+            base_url, model = server.base_url, args.model or args.serve_transformers
+        else:
+            if not args.model:
+                raise SystemExit("--model is required with --base_url")
+            base_url, model = args.base_url, args.model
+        summary = asyncio.run(_run(args, base_url, model))
+    finally:
+        if server is not None:
+            server.stop()
+    print(summary)
+    print(f"pool: {args.pool}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

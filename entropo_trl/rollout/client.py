@@ -1,0 +1,326 @@
+"""An async client for OpenAI-compatible chat-completion servers (vLLM, the local stubs in `serve`, hosted APIs).
+
+[`ChatClient.complete`] sends one chat request and returns a [`Completion`]. It retries transient failures
+(connection errors, timeouts, HTTP 429 and 5xx) with exponential backoff and jitter, raises [`LLMError`] at once on
+other 4xx answers and [`ContextLimitExceeded`] when the conversation cannot fit in the model's context, and keeps
+running totals in [`ChatClient.usage`].
+
+Context accounting is deliberately simple: the prompt's size is estimated as (characters / 3) plus a few tokens per
+message, unless the caller passes an exact or better count as `prompt_tokens_hint` (for an agent loop, the previous
+response's `prompt_tokens + completion_tokens` plus an estimate of the new observation). If that prompt estimate
+leaves no room for a single generated token, the request is not sent; otherwise its `max_tokens` is capped to what
+is left of `max_context_tokens`. A server that still rejects the request for its length (HTTP 400 saying so) also
+raises [`ContextLimitExceeded`].
+
+Example::
+
+    async with ChatClient("http://127.0.0.1:8000/v1", "Qwen/Qwen3-8B", max_concurrency=64) as client:
+        completion = await client.complete([{"role": "user", "content": "hi"}], SamplingParams(max_tokens=64))
+        print(completion.text, completion.finish_reason, client.usage)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+__all__ = [
+    "ChatClient",
+    "Completion",
+    "ContextLimitExceeded",
+    "LLMError",
+    "SamplingParams",
+    "estimate_prompt_tokens",
+]
+
+CHARS_PER_TOKEN = 3.0
+"""Characters per token assumed when estimating a prompt's size (conservative for code and English text)."""
+
+TOKENS_PER_MESSAGE = 4
+"""Tokens added per message for the chat template's role markers when estimating a prompt's size."""
+
+MAX_BACKOFF = 60.0
+"""Longest single wait between retries, in seconds."""
+
+# phrases in an HTTP 400 body that mean "the prompt plus max_tokens is longer than the model's context"
+_CONTEXT_ERROR_MARKERS = (
+    "context length",
+    "maximum context",
+    "context_length",
+    "context window",
+    "max_model_len",
+    "prompt is too long",
+)
+
+
+@dataclass
+class SamplingParams:
+    """Sampling settings for one request (defaults: the recommended settings of Qwen3-Coder-style instruct models).
+
+    `top_k` and `repetition_penalty` are not OpenAI fields; vLLM (and the local servers in `serve`) read them from
+    the top level of the request body. `None` leaves a field out of the request, so the server's default applies.
+    """
+
+    temperature: float = 0.7
+    top_p: float = 0.8
+    top_k: int | None = 20
+    repetition_penalty: float | None = 1.05
+    max_tokens: int = 16_384
+    seed: int | None = None
+    stop: list[str] | None = None
+
+    def to_request(self) -> dict[str, Any]:
+        """The request-body fields for these settings (OpenAI fields plus vLLM's top-level extras)."""
+        body: dict[str, Any] = {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens}
+        if self.top_k is not None:
+            body["top_k"] = self.top_k
+        if self.repetition_penalty is not None:
+            body["repetition_penalty"] = self.repetition_penalty
+        if self.seed is not None:
+            body["seed"] = self.seed
+        if self.stop:
+            body["stop"] = list(self.stop)
+        return body
+
+
+@dataclass
+class Completion:
+    """One chat completion: the assistant's text and what it cost.
+
+    `finish_reason` is the server's (`"stop"`, `"length"`, ...). `latency` is the wall-clock seconds of the attempt
+    that succeeded (retries and backoff waits excluded).
+    """
+
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    latency: float
+
+
+class ContextLimitExceeded(RuntimeError):
+    """The conversation does not fit in the model's context (found before sending, or reported by the server)."""
+
+
+class LLMError(RuntimeError):
+    """A request failed for good: a non-retryable answer, or retries exhausted. `status` is the last HTTP status
+    (`None` for a connection error or timeout) and `body` the start of the last response body."""
+
+    def __init__(self, message: str, status: int | None = None, body: str = ""):
+        super().__init__(message)
+        self.status = status
+        self.body = body
+
+
+def _content_chars(content: Any) -> int:
+    if content is None:
+        return 0
+    if isinstance(content, str):
+        return len(content)
+    if isinstance(content, list):  # OpenAI content parts: [{"type": "text", "text": ...}, ...]
+        return sum(len(part.get("text", "")) if isinstance(part, dict) else len(str(part)) for part in content)
+    return len(str(content))
+
+
+def estimate_prompt_tokens(messages: list[dict]) -> int:
+    """A rough prompt size: `CHARS_PER_TOKEN` characters per token plus `TOKENS_PER_MESSAGE` per message."""
+    chars = sum(_content_chars(message.get("content")) for message in messages)
+    return math.ceil(chars / CHARS_PER_TOKEN) + TOKENS_PER_MESSAGE * len(messages)
+
+
+def _snippet(text: str, limit: int = 500) -> str:
+    text = text.strip()
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+class ChatClient:
+    """An async client for `POST {base_url}/chat/completions` on an OpenAI-compatible server.
+
+    Args:
+        base_url: the API root, e.g. `"http://127.0.0.1:8000/v1"`.
+        model: the model name sent in every request.
+        api_key: sent as `Authorization: Bearer ...`; defaults to the `OPENAI_API_KEY` environment variable, and no
+            header is sent when neither is set.
+        timeout: seconds allowed for one attempt (connect, write, read).
+        max_retries: retries after the first attempt for connection errors, timeouts, HTTP 429 and 5xx.
+        backoff: the first retry waits `backoff` seconds, then 2x, 4x, ... (capped at `MAX_BACKOFF`), each times a
+            random factor in [1, 1.5); a numeric `Retry-After` header makes the wait at least that long.
+        max_context_tokens: the model's context length (prompt + completion), used to refuse prompts that cannot fit
+            and to cap `max_tokens`.
+        max_concurrency: at most this many requests in flight at once (an `asyncio.Semaphore`; `None`: unlimited).
+            Backoff waits do not hold a slot.
+
+    The client is an async context manager; otherwise call [`aclose`] when done. `usage` holds running totals:
+    `prompt_tokens`, `completion_tokens` (as reported by the server), `requests` (successful completions) and
+    `retries`.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key: str | None = None,
+        timeout: float = 600.0,
+        max_retries: int = 5,
+        backoff: float = 1.0,
+        max_context_tokens: int = 65_536,
+        max_concurrency: int | None = None,
+    ):
+        if max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+        if max_concurrency is not None and max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be >= 1 or None, got {max_concurrency}")
+        if max_context_tokens < 1:
+            raise ValueError(f"max_context_tokens must be >= 1, got {max_context_tokens}")
+        self.base_url = base_url.rstrip("/")
+        self.url = f"{self.base_url}/chat/completions"
+        self.model = model
+        self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY") or None
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.backoff = backoff
+        self.max_context_tokens = max_context_tokens
+        self.max_concurrency = max_concurrency
+        self.usage: dict[str, int] = {"prompt_tokens": 0, "completion_tokens": 0, "requests": 0, "retries": 0}
+        self._semaphore = asyncio.Semaphore(max_concurrency) if max_concurrency is not None else None
+        self._client: httpx.AsyncClient | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------------------------
+
+    def _http(self) -> httpx.AsyncClient:
+        # created on first use, so that it binds to the running event loop
+        if self._client is None:
+            headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+            self._client = httpx.AsyncClient(
+                headers=headers,
+                timeout=httpx.Timeout(self.timeout),
+                limits=httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=None),
+            )
+        return self._client
+
+    async def aclose(self) -> None:
+        """Close the underlying HTTP connections (the client can be used again afterwards)."""
+        if self._client is not None:
+            client, self._client = self._client, None
+            await client.aclose()
+
+    async def __aenter__(self) -> ChatClient:
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.aclose()
+
+    # -- requests --------------------------------------------------------------------------------------------------
+
+    def _request_body(
+        self, messages: list[dict], sampling: SamplingParams, prompt_tokens_hint: int | None
+    ) -> dict[str, Any]:
+        prompt_tokens = prompt_tokens_hint if prompt_tokens_hint is not None else estimate_prompt_tokens(messages)
+        room = self.max_context_tokens - prompt_tokens
+        if room < 1:
+            source = "given" if prompt_tokens_hint is not None else "estimated"
+            raise ContextLimitExceeded(
+                f"the prompt ({prompt_tokens} tokens, {source}) leaves no room to generate within the "
+                f"{self.max_context_tokens}-token context"
+            )
+        body: dict[str, Any] = {"model": self.model, "messages": messages, **sampling.to_request()}
+        body["max_tokens"] = min(sampling.max_tokens, room)
+        return body
+
+    def _wait(self, attempt: int, response: httpx.Response | None) -> float:
+        wait = min(self.backoff * 2**attempt, MAX_BACKOFF) * (1.0 + 0.5 * random.random())
+        if response is not None:
+            try:
+                wait = max(wait, min(float(response.headers.get("retry-after", 0)), MAX_BACKOFF))
+            except ValueError:  # an HTTP date: ignore it
+                pass
+        return wait
+
+    async def complete(
+        self,
+        messages: list[dict],
+        sampling: SamplingParams | None = None,
+        *,
+        prompt_tokens_hint: int | None = None,
+    ) -> Completion:
+        """Send one chat request and return the first choice.
+
+        Args:
+            messages: OpenAI-style chat messages (`{"role": ..., "content": ...}`).
+            sampling: sampling settings (default: `SamplingParams()`).
+            prompt_tokens_hint: the prompt's token count if known (or a better estimate than characters / 3).
+
+        Raises:
+            ContextLimitExceeded: the prompt leaves no room to generate, or the server says it is too long.
+            LLMError: a non-retryable HTTP error, a malformed response, or retries exhausted.
+        """
+        sampling = sampling if sampling is not None else SamplingParams()
+        body = self._request_body(messages, sampling, prompt_tokens_hint)
+        payload = json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"}
+        client = self._http()
+        attempt = 0
+        while True:
+            response: httpx.Response | None = None
+            failure: str
+            start = time.perf_counter()
+            try:
+                if self._semaphore is not None:
+                    async with self._semaphore:
+                        start = time.perf_counter()
+                        response = await client.post(self.url, content=payload, headers=headers)
+                else:
+                    response = await client.post(self.url, content=payload, headers=headers)
+            except httpx.TransportError as error:  # connection refused/reset, timeouts, protocol errors
+                failure = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+            else:
+                latency = time.perf_counter() - start
+                if response.status_code == 200:
+                    return self._parse(response, latency)
+                failure = f"HTTP {response.status_code}: {_snippet(response.text)}"
+                if response.status_code != 429 and response.status_code < 500:
+                    text = response.text
+                    if response.status_code == 400 and any(m in text.lower() for m in _CONTEXT_ERROR_MARKERS):
+                        raise ContextLimitExceeded(f"the server rejected the prompt as too long: {_snippet(text)}")
+                    raise LLMError(
+                        f"request to {self.url} failed with {failure}", status=response.status_code, body=_snippet(text)
+                    )
+            if attempt >= self.max_retries:
+                status = response.status_code if response is not None else None
+                raise LLMError(
+                    f"request to {self.url} failed after {attempt + 1} attempts; last error: {failure}",
+                    status=status,
+                    body=_snippet(response.text) if response is not None else "",
+                )
+            await asyncio.sleep(self._wait(attempt, response))
+            attempt += 1
+            self.usage["retries"] += 1
+
+    def _parse(self, response: httpx.Response, latency: float) -> Completion:
+        try:
+            data = response.json()
+            choice = data["choices"][0]
+            text = choice["message"].get("content") or ""
+            finish_reason = choice.get("finish_reason")
+            usage = data.get("usage") or {}
+            prompt_tokens = int(usage.get("prompt_tokens") or 0)
+            completion_tokens = int(usage.get("completion_tokens") or 0)
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as error:
+            raise LLMError(
+                f"malformed chat-completion response from {self.url} ({type(error).__name__}: {error}): "
+                f"{_snippet(response.text)}",
+                status=response.status_code,
+                body=_snippet(response.text),
+            ) from error
+        self.usage["prompt_tokens"] += prompt_tokens
+        self.usage["completion_tokens"] += completion_tokens
+        self.usage["requests"] += 1
+        return Completion(text, finish_reason, prompt_tokens, completion_tokens, latency)

@@ -1,0 +1,169 @@
+import asyncio
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from entropo_trl.rollout.client import ChatClient
+from entropo_trl.rollout.oracle import evaluate_patch, parse_pytest_statuses
+from entropo_trl.rollout.runner import RolloutConfig, default_sandbox_factory, run_rollouts
+from entropo_trl.rollout.scaffold import Action
+from entropo_trl.rollout.serve import serve_scripted
+from entropo_trl.rollout.tasks import load_tasks, task_from_swebench
+from entropo_trl.rollout.toy import make_toy_tasks
+from entropo_trl.trajectory import read_trajectories
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _workdir(messages):
+    return re.search(r"repository in the (\S+) directory", messages[1]["content"]).group(1)
+
+
+def solver(tasks):
+    """A scripted policy that fixes the planted bug: view, edit, test, finish."""
+    fixes = {t.problem_statement: t.metadata["reference_fix"] for t in tasks}
+
+    def respond(messages):
+        step = sum(m["role"] == "assistant" for m in messages)
+        workdir = _workdir(messages)
+        fix = next(f for issue, f in fixes.items() if issue in messages[1]["content"])
+        path = f"{workdir}/{fix['path']}"
+        if step == 0:
+            return Action("file_editor", {"command": "view", "path": path}, "Let me read the module.").to_text()
+        if step == 1:
+            return Action("file_editor", {"command": "str_replace", "path": path, "old_str": fix["old"].rstrip("\n"),
+                                          "new_str": fix["new"].rstrip("\n")}, "Fix the bug.").to_text()
+        if step == 2:
+            return Action("execute_bash", {"cmd": "python -m pytest -q -p no:cacheprovider"}, "Run the tests.").to_text()
+        return Action("finish", {"command": "submit"}, "Done.").to_text()
+
+    return respond
+
+
+def quitter(messages):
+    return Action("finish", {"command": "submit"}, "I give up.").to_text()
+
+
+def looper(messages):
+    return Action("execute_bash", {"cmd": "ls"}, "Looking around.").to_text()
+
+
+@pytest.fixture(scope="module")
+def toy_tasks(tmp_path_factory):
+    return make_toy_tasks(tmp_path_factory.mktemp("toy"), n=3)
+
+
+def _run(tasks, respond, pool, **config):
+    async def go():
+        with serve_scripted(respond) as server:
+            async with ChatClient(server.base_url, "scripted") as client:
+                return await run_rollouts(tasks, client, pool, RolloutConfig(**config), progress=False)
+
+    return asyncio.run(go())
+
+
+def test_toy_tasks_have_a_real_bug_and_the_reference_fix_passes(toy_tasks):
+    factory = default_sandbox_factory("local")
+    for task in toy_tasks:
+        assert task.FAIL_TO_PASS and task.PASS_TO_PASS
+        assert evaluate_patch(task, "", factory).reward == 0.0  # the bug is real
+        fix = task.metadata["reference_fix"]
+        with factory(task) as sandbox:
+            source = sandbox.read_file(f"{sandbox.workdir}/{fix['path']}")
+            sandbox.write_file(f"{sandbox.workdir}/{fix['path']}", source.replace(fix["old"], fix["new"]))
+            patch = sandbox.diff()
+        result = evaluate_patch(task, patch, factory)
+        assert result.reward == 1.0 and result.regression_pass_count == len(task.PASS_TO_PASS)
+        assert evaluate_patch(task, "not a patch\n", factory).patch_applied is False
+
+
+def test_scripted_solver_giver_up_and_looper(toy_tasks, tmp_path):
+    pool = tmp_path / "pool.jsonl"
+    summary = _run(toy_tasks[:2], solver(toy_tasks), pool, n=1, max_steps=10, concurrency=2)
+    assert summary.ran == 2 and summary.passed == 2
+    solved = list(read_trajectories(pool))
+    for t in solved:
+        assert t.reward == 1.0 and t.finished and t.exit_reason == "agent" and t.num_steps == 4
+        assert t.regression_pass_count > 0 and "+" in t.patch and t.source == "scripted"
+        assert t.messages[0]["content"].startswith("You are a programming agent")
+        assert t.messages[-1]["role"] == "assistant" and "<function=finish>" in t.messages[-1]["content"]
+        assert all(m["content"].rstrip().split("\n")[-1].startswith("Steps Remaining:")
+                   for m in t.messages[3::2])
+
+    quit_pool = tmp_path / "quit.jsonl"
+    _run(toy_tasks[:1], quitter, quit_pool, max_steps=10)
+    [gave_up] = list(read_trajectories(quit_pool))
+    assert gave_up.reward == 0.0 and gave_up.finished and gave_up.patch == ""
+
+    loop_pool = tmp_path / "loop.jsonl"
+    _run(toy_tasks[:1], looper, loop_pool, max_steps=3)
+    [looped] = list(read_trajectories(loop_pool))
+    assert looped.finished is False and looped.exit_reason == "max_step_limit" and looped.num_steps == 3
+    assert looped.reward == 0.0 and looped.messages[-1]["content"].endswith("Steps Remaining: 0")
+
+
+def test_rerun_skips_finished_episodes(toy_tasks, tmp_path):
+    pool = tmp_path / "pool.jsonl"
+    first = _run(toy_tasks, quitter, pool, n=2, max_steps=2, concurrency=3)
+    assert first.ran == 6
+    second = _run(toy_tasks, quitter, pool, n=2, max_steps=2)
+    assert second.ran == 0 and second.skipped == 6
+    third = _run(toy_tasks, quitter, pool, n=3, max_steps=2)
+    assert third.ran == 3
+    ids = [t.episode_id for t in read_trajectories(pool)]
+    assert len(ids) == len(set(ids)) == 9
+
+
+def test_sigkill_and_restart_five_times_gives_exactly_the_pool(toy_tasks, tmp_path):
+    pool = tmp_path / "pool.jsonl"
+    rng = random.Random(0)
+    with serve_scripted(solver(toy_tasks), delay=0.02) as server:
+        command = [sys.executable, "-m", "entropo_trl.rollout.cli", "--tasks", str(Path(toy_tasks[0].repo_path).parents[1]),
+                   "--pool", str(pool), "--base_url", server.base_url, "--model", "scripted", "--n", "3",
+                   "--concurrency", "3", "--max_steps", "8"]
+        env = {**os.environ, "TQDM_DISABLE": "1"}
+        for attempt in range(5):
+            process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            time.sleep(rng.uniform(0.8, 3.0))
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait()
+            if pool.exists():
+                list(read_trajectories(pool, "entropo"))  # whole lines only, after every kill
+        final = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert final.returncode == 0, final.stderr[-3000:]
+    trajectories = list(read_trajectories(pool))
+    ids = [t.episode_id for t in trajectories]
+    assert len(ids) == len(set(ids)) == 3 * len(toy_tasks)
+    assert all(t.reward == 1.0 for t in trajectories)
+
+
+def test_swebench_instances_load(tmp_path):
+    instance = {"instance_id": "astropy__astropy-12907", "repo": "astropy/astropy", "base_commit": "d16bfe0",
+                "problem_statement": "Modeling's separability_matrix ...", "FAIL_TO_PASS": json.dumps(["t::a"]),
+                "PASS_TO_PASS": json.dumps(["t::b", "t::c"]), "version": "4.3"}
+    path = tmp_path / "instances.jsonl"
+    path.write_text(json.dumps(instance) + "\n")
+    [task] = load_tasks(path)
+    assert task.FAIL_TO_PASS == ["t::a"] and task.PASS_TO_PASS == ["t::b", "t::c"]
+    assert task.image == "swebench/sweb.eval.x86_64.astropy_1776_astropy-12907:latest"
+    assert task.metadata == {"version": "4.3"}
+    with pytest.raises(ValueError, match="line 1.*problem_statement"):
+        path.write_text(json.dumps({**instance, "problem_statement": ""}) + "\n")
+        load_tasks(path)
+    with pytest.raises(ValueError, match="FAIL_TO_PASS"):
+        task_from_swebench({**instance, "FAIL_TO_PASS": "not json"})
+
+
+def test_parse_pytest_statuses():
+    log = "PASSED tests/a.py::test_x\nFAILED tests/a.py::test_y - AssertionError\ntests/a.py::test_z PASSED [ 50%]\n"
+    assert parse_pytest_statuses(log) == {"tests/a.py::test_x": "PASSED", "tests/a.py::test_y": "FAILED",
+                                          "tests/a.py::test_z": "PASSED"}
