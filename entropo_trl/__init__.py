@@ -7,7 +7,6 @@ The trainers and losses are imported on first use, so that the data and rollout 
 import importlib
 from typing import TYPE_CHECKING
 
-
 __version__ = "0.1.0"
 
 _EXPORTS = {
@@ -40,10 +39,10 @@ def __dir__():
     return sorted(list(globals()) + __all__)
 
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .dpo_config import EntroDPOConfig
-    from .dpo_trainer import DataCollatorForMultiTurnPreference, EntroDPOTrainer
-    from .kto_config import EntroKTOConfig
-    from .kto_trainer import DataCollatorForMultiTurnUnpairedPreference, EntroKTOTrainer
-    from .losses import entropo_dpo_loss, entropo_kto_loss, entropo_kto_z0
-    from .multiturn import TemplateNotPrefixPreservingError, assistant_token_mask, tokenize_prompt_completion
+if TYPE_CHECKING:  # pragma: no cover (for type checkers and IDEs)
+    from .dpo_config import EntroDPOConfig  # noqa: F401
+    from .dpo_trainer import DataCollatorForMultiTurnPreference, EntroDPOTrainer  # noqa: F401
+    from .kto_config import EntroKTOConfig  # noqa: F401
+    from .kto_trainer import DataCollatorForMultiTurnUnpairedPreference, EntroKTOTrainer  # noqa: F401
+    from .losses import entropo_dpo_loss, entropo_kto_loss, entropo_kto_z0  # noqa: F401
+    from .multiturn import TemplateNotPrefixPreservingError, assistant_token_mask, tokenize_prompt_completion  # noqa: F401

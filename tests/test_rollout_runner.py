@@ -20,7 +20,6 @@ from entropo_trl.rollout.tasks import load_tasks, task_from_swebench
 from entropo_trl.rollout.toy import make_toy_tasks
 from entropo_trl.trajectory import read_trajectories
 
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -40,10 +39,20 @@ def solver(tasks):
         if step == 0:
             return Action("file_editor", {"command": "view", "path": path}, "Let me read the module.").to_text()
         if step == 1:
-            return Action("file_editor", {"command": "str_replace", "path": path, "old_str": fix["old"].rstrip("\n"),
-                                          "new_str": fix["new"].rstrip("\n")}, "Fix the bug.").to_text()
+            return Action(
+                "file_editor",
+                {
+                    "command": "str_replace",
+                    "path": path,
+                    "old_str": fix["old"].rstrip("\n"),
+                    "new_str": fix["new"].rstrip("\n"),
+                },
+                "Fix the bug.",
+            ).to_text()
         if step == 2:
-            return Action("execute_bash", {"cmd": "python -m pytest -q -p no:cacheprovider"}, "Run the tests.").to_text()
+            return Action(
+                "execute_bash", {"cmd": "python -m pytest -q -p no:cacheprovider"}, "Run the tests."
+            ).to_text()
         return Action("finish", {"command": "submit"}, "Done.").to_text()
 
     return respond
@@ -96,8 +105,7 @@ def test_scripted_solver_giver_up_and_looper(toy_tasks, tmp_path):
         assert t.regression_pass_count > 0 and "+" in t.patch and t.source == "scripted"
         assert t.messages[0]["content"].startswith("You are a programming agent")
         assert t.messages[-1]["role"] == "assistant" and "<function=finish>" in t.messages[-1]["content"]
-        assert all(m["content"].rstrip().split("\n")[-1].startswith("Steps Remaining:")
-                   for m in t.messages[3::2])
+        assert all(m["content"].rstrip().split("\n")[-1].startswith("Steps Remaining:") for m in t.messages[3::2])
 
     quit_pool = tmp_path / "quit.jsonl"
     _run(toy_tasks[:1], quitter, quit_pool, max_steps=10)
@@ -127,11 +135,27 @@ def test_sigkill_and_restart_five_times_gives_exactly_the_pool(toy_tasks, tmp_pa
     pool = tmp_path / "pool.jsonl"
     rng = random.Random(0)
     with serve_scripted(solver(toy_tasks), delay=0.02) as server:
-        command = [sys.executable, "-m", "entropo_trl.rollout.cli", "--tasks", str(Path(toy_tasks[0].repo_path).parents[1]),
-                   "--pool", str(pool), "--base_url", server.base_url, "--model", "scripted", "--n", "3",
-                   "--concurrency", "3", "--max_steps", "8"]
+        command = [
+            sys.executable,
+            "-m",
+            "entropo_trl.rollout.cli",
+            "--tasks",
+            str(Path(toy_tasks[0].repo_path).parents[1]),
+            "--pool",
+            str(pool),
+            "--base_url",
+            server.base_url,
+            "--model",
+            "scripted",
+            "--n",
+            "3",
+            "--concurrency",
+            "3",
+            "--max_steps",
+            "8",
+        ]
         env = {**os.environ, "TQDM_DISABLE": "1"}
-        for attempt in range(5):
+        for _ in range(5):
             process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             time.sleep(rng.uniform(0.8, 3.0))
             os.kill(process.pid, signal.SIGKILL)
@@ -147,9 +171,15 @@ def test_sigkill_and_restart_five_times_gives_exactly_the_pool(toy_tasks, tmp_pa
 
 
 def test_swebench_instances_load(tmp_path):
-    instance = {"instance_id": "astropy__astropy-12907", "repo": "astropy/astropy", "base_commit": "d16bfe0",
-                "problem_statement": "Modeling's separability_matrix ...", "FAIL_TO_PASS": json.dumps(["t::a"]),
-                "PASS_TO_PASS": json.dumps(["t::b", "t::c"]), "version": "4.3"}
+    instance = {
+        "instance_id": "astropy__astropy-12907",
+        "repo": "astropy/astropy",
+        "base_commit": "d16bfe0",
+        "problem_statement": "Modeling's separability_matrix ...",
+        "FAIL_TO_PASS": json.dumps(["t::a"]),
+        "PASS_TO_PASS": json.dumps(["t::b", "t::c"]),
+        "version": "4.3",
+    }
     path = tmp_path / "instances.jsonl"
     path.write_text(json.dumps(instance) + "\n")
     [task] = load_tasks(path)
@@ -165,5 +195,8 @@ def test_swebench_instances_load(tmp_path):
 
 def test_parse_pytest_statuses():
     log = "PASSED tests/a.py::test_x\nFAILED tests/a.py::test_y - AssertionError\ntests/a.py::test_z PASSED [ 50%]\n"
-    assert parse_pytest_statuses(log) == {"tests/a.py::test_x": "PASSED", "tests/a.py::test_y": "FAILED",
-                                          "tests/a.py::test_z": "PASSED"}
+    assert parse_pytest_statuses(log) == {
+        "tests/a.py::test_x": "PASSED",
+        "tests/a.py::test_y": "FAILED",
+        "tests/a.py::test_z": "PASSED",
+    }

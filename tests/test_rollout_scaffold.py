@@ -12,16 +12,20 @@ from entropo_trl.rollout.scaffold import (
 
 
 def test_first_call_is_the_action_and_text_before_it_the_thought():
-    text = ("I will list the files.\n<function=execute_bash>\n<parameter=cmd>ls -la</parameter>\n</function>\n"
-            "<function=finish>\n<parameter=command>submit</parameter>\n</function>")
+    text = (
+        "I will list the files.\n<function=execute_bash>\n<parameter=cmd>ls -la</parameter>\n</function>\n"
+        "<function=finish>\n<parameter=command>submit</parameter>\n</function>"
+    )
     action = parse_action(text)
     assert action == Action("execute_bash", {"cmd": "ls -la"}, "I will list the files.")
     assert action.error is None and not action.is_finish
 
 
 def test_multiline_parameters_and_submit_alias():
-    text = ("Create it.\n<function=file_editor>\n<parameter=command>create</parameter>\n<parameter=path>/t/a.py"
-            "</parameter>\n<parameter=file_text>\nline 1\n  line 2\n</parameter>\n</function>")
+    text = (
+        "Create it.\n<function=file_editor>\n<parameter=command>create</parameter>\n<parameter=path>/t/a.py"
+        "</parameter>\n<parameter=file_text>\nline 1\n  line 2\n</parameter>\n</function>"
+    )
     action = parse_action(text)
     assert action.parameters == {"command": "create", "path": "/t/a.py", "file_text": "line 1\n  line 2"}
     assert parse_action("<function=submit>\n</function>").is_finish
@@ -41,14 +45,30 @@ def test_round_trip_through_text():
 
 def test_prompts():
     for name in TOOL_NAMES:
-        assert f"BEGIN FUNCTION" in SYSTEM_PROMPT and name in SYSTEM_PROMPT
+        assert "BEGIN FUNCTION" in SYSTEM_PROMPT and name in SYSTEM_PROMPT
     prompt = instance_prompt("Fix clamp.", "/tmp/repo", 100)
     assert "/tmp/repo" in prompt and "Fix clamp." in prompt and prompt.endswith("Steps Remaining: 100")
     assert with_steps_remaining("Exit code: 0\n", 7) == "Exit code: 0\nSteps Remaining: 7"
 
 
-FRAGMENTS = st.sampled_from(["<function=", "<function=execute_bash>", "</function>", "<parameter=", "<parameter=cmd>",
-                             "</parameter>", ">", "<", "=", "\n", "submit", "finish", "file_editor", " "])
+FRAGMENTS = st.sampled_from(
+    [
+        "<function=",
+        "<function=execute_bash>",
+        "</function>",
+        "<parameter=",
+        "<parameter=cmd>",
+        "</parameter>",
+        ">",
+        "<",
+        "=",
+        "\n",
+        "submit",
+        "finish",
+        "file_editor",
+        " ",
+    ]
+)
 
 
 @settings(max_examples=400, deadline=None)

@@ -21,8 +21,9 @@ from .tasks import load_tasks
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="entropo-rollout", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="entropo-rollout", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--tasks", required=True, help="a folder of local tasks or a SWE-bench-format JSON/JSONL file")
     parser.add_argument("--pool", required=True, help="the JSONL pool to append trajectories to")
     parser.add_argument("--base_url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
@@ -53,16 +54,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 async def _run(args, base_url: str, model: str):
     tasks = load_tasks(args.tasks)[: args.limit]
-    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                              repetition_penalty=args.repetition_penalty, max_tokens=args.max_tokens, seed=args.seed)
+    sampling = SamplingParams(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty,
+        max_tokens=args.max_tokens,
+        seed=args.seed,
+    )
     config = RolloutConfig(
-        n=args.n, concurrency=args.concurrency, max_steps=args.max_steps, max_context_tokens=args.max_context_tokens,
-        max_tokens_per_call=args.max_tokens, tool_timeout=args.tool_timeout,
-        max_episode_seconds=args.max_episode_seconds, sampling=sampling, source=args.source, sandbox=args.sandbox,
+        n=args.n,
+        concurrency=args.concurrency,
+        max_steps=args.max_steps,
+        max_context_tokens=args.max_context_tokens,
+        max_tokens_per_call=args.max_tokens,
+        tool_timeout=args.tool_timeout,
+        max_episode_seconds=args.max_episode_seconds,
+        sampling=sampling,
+        source=args.source,
+        sandbox=args.sandbox,
         oracle=not args.no_oracle,
     )
-    async with ChatClient(base_url, model, api_key=args.api_key, max_context_tokens=args.max_context_tokens,
-                          max_concurrency=args.concurrency) as client:
+    async with ChatClient(
+        base_url,
+        model,
+        api_key=args.api_key,
+        max_context_tokens=args.max_context_tokens,
+        max_concurrency=args.concurrency,
+    ) as client:
         return await run_rollouts(tasks, client, args.pool, config)
 
 
@@ -76,9 +95,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.serve_vllm:
             from .serve import start_vllm_server
 
-            server = start_vllm_server(args.serve_vllm, tensor_parallel_size=args.tensor_parallel_size,
-                                       data_parallel_size=args.data_parallel_size,
-                                       max_model_len=args.max_context_tokens)
+            server = start_vllm_server(
+                args.serve_vllm,
+                tensor_parallel_size=args.tensor_parallel_size,
+                data_parallel_size=args.data_parallel_size,
+                max_model_len=args.max_context_tokens,
+            )
             base_url, model = server.base_url, args.model or args.serve_vllm
         elif args.serve_transformers:
             from .serve import serve_transformers

@@ -291,7 +291,9 @@ class ChatClient:
                     if response.status_code == 400 and any(m in text.lower() for m in _CONTEXT_ERROR_MARKERS):
                         raise ContextLimitExceeded(f"the server rejected the prompt as too long: {_snippet(text)}")
                     raise LLMError(
-                        f"request to {self.url} failed with {failure}", status=response.status_code, body=_snippet(text)
+                        f"request to {self.url} failed with {failure}",
+                        status=response.status_code,
+                        body=_snippet(text),
                     )
             if attempt >= self.max_retries:
                 status = response.status_code if response is not None else None

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from .sandbox import Sandbox
 from .tasks import Task
 
-
 _STATUS_LINE = re.compile(r"^(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\s+(\S+)", re.MULTILINE)
 _VERBOSE_LINE = re.compile(r"^(\S+::\S+)\s+(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)", re.MULTILINE)
 
@@ -42,8 +41,9 @@ class OracleResult:
         return sum(self.pass_to_pass.values())
 
 
-def evaluate_patch(task: Task, patch: str, sandbox_factory: Callable[[Task], Sandbox], timeout: float = 900.0
-                   ) -> OracleResult:
+def evaluate_patch(
+    task: Task, patch: str, sandbox_factory: Callable[[Task], Sandbox], timeout: float = 900.0
+) -> OracleResult:
     """Apply `patch` in a fresh sandbox of `task` and run its FAIL_TO_PASS + PASS_TO_PASS tests."""
     tests = list(task.FAIL_TO_PASS) + list(task.PASS_TO_PASS)
     if not tests:
@@ -52,8 +52,13 @@ def evaluate_patch(task: Task, patch: str, sandbox_factory: Callable[[Task], San
         if patch.strip():
             applied = sandbox.apply_patch(patch)
             if applied.exit_code != 0:
-                return OracleResult(0.0, {t: False for t in task.FAIL_TO_PASS}, {t: False for t in task.PASS_TO_PASS},
-                                    patch_applied=False, test_output=applied.stdout + applied.stderr)
+                return OracleResult(
+                    0.0,
+                    {t: False for t in task.FAIL_TO_PASS},
+                    {t: False for t in task.PASS_TO_PASS},
+                    patch_applied=False,
+                    test_output=applied.stdout + applied.stderr,
+                )
         command = task.test_command + " " + " ".join(shlex.quote(t) for t in tests)
         result = sandbox.run(command, timeout=timeout)
     output = result.stdout + "\n" + result.stderr

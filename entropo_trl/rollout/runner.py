@@ -28,7 +28,6 @@ from .scaffold import SYSTEM_PROMPT, instance_prompt, parse_action, with_steps_r
 from .tasks import Task
 from .tools import ToolState, execute
 
-
 logger = logging.getLogger(__name__)
 
 
@@ -77,8 +76,9 @@ def episode_id(task: Task, source: str, sample: int) -> str:
     return f"{task.instance_id}/{source}/{sample}"
 
 
-async def run_episode(task: Task, client: ChatClient, config: RolloutConfig, sample: int,
-                      sandbox_factory: Callable[[Task], Sandbox]) -> Trajectory:
+async def run_episode(
+    task: Task, client: ChatClient, config: RolloutConfig, sample: int, sandbox_factory: Callable[[Task], Sandbox]
+) -> Trajectory:
     """One episode: the agent loop in a fresh sandbox, then the oracle's label."""
     source = config.source or client.model
     start = time.monotonic()
@@ -108,8 +108,9 @@ async def run_episode(task: Task, client: ChatClient, config: RolloutConfig, sam
             if result.done:
                 exit_reason, finished = "agent", True
                 break
-            messages.append({"role": "user", "content": with_steps_remaining(
-                result.observation, config.max_steps - step - 1)})
+            messages.append(
+                {"role": "user", "content": with_steps_remaining(result.observation, config.max_steps - step - 1)}
+            )
             if time.monotonic() - start > config.max_episode_seconds:
                 exit_reason = "traj_time_limit"
                 break
@@ -117,8 +118,14 @@ async def run_episode(task: Task, client: ChatClient, config: RolloutConfig, sam
     finally:
         await asyncio.to_thread(sandbox.close)
     trajectory = Trajectory(
-        instance_id=task.instance_id, messages=messages, reward=0.0, finished=finished, exit_reason=exit_reason,
-        patch=patch, num_steps=sum(m["role"] == "assistant" for m in messages), source=source,
+        instance_id=task.instance_id,
+        messages=messages,
+        reward=0.0,
+        finished=finished,
+        exit_reason=exit_reason,
+        patch=patch,
+        num_steps=sum(m["role"] == "assistant" for m in messages),
+        source=source,
         episode_id=episode_id(task, source, sample),
         metadata={"sample": sample, "seconds": round(time.monotonic() - start, 3), **usage},
     )
@@ -142,8 +149,10 @@ class RolloutSummary:
 
     def __str__(self) -> str:
         rate = f"{self.passed / self.ran:.1%}" if self.ran else "n/a"
-        return (f"{self.ran} episodes run ({self.skipped} already in {self.pool}), {self.passed} passed ({rate}); "
-                f"exit reasons {self.exit_reasons}" + (f"; {self.errors} failed (see the log)" if self.errors else ""))
+        return (
+            f"{self.ran} episodes run ({self.skipped} already in {self.pool}), {self.passed} passed ({rate}); "
+            f"exit reasons {self.exit_reasons}" + (f"; {self.errors} failed (see the log)" if self.errors else "")
+        )
 
 
 def done_episodes(pool: str | Path) -> set[str]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-
 TOOL_NAMES = ("file_editor", "execute_bash", "search", "finish")
 FINISH_NAMES = ("finish", "submit")
 
@@ -186,20 +185,26 @@ def parse_action(text: str) -> Action:
         return Action(None, error=f"the response is not text ({type(text).__name__})")
     start = _FUNCTION.search(text)
     if start is None:
-        return Action(None, thought=text.strip(), error=(
-            "No function call found. Reply with your reasoning followed by exactly one call in the format "
-            "<function=NAME>\n<parameter=KEY>VALUE</parameter>\n</function>."))
+        return Action(
+            None,
+            thought=text.strip(),
+            error=(
+                "No function call found. Reply with your reasoning followed by exactly one call in the format "
+                "<function=NAME>\n<parameter=KEY>VALUE</parameter>\n</function>."
+            ),
+        )
     thought = text[: start.start()].strip()
     name = start.group(1).strip()
     end = _FUNCTION_END.search(text, start.end())
     if end is None:
         return Action(None, thought=thought, error=f"The call to {name!r} is missing its closing </function> tag.")
-    body = text[start.end(): end.start()]
+    body = text[start.end() : end.start()]
     if not name:
         return Action(None, thought=thought, error="The function call has no name: use <function=NAME>.")
     if name not in TOOL_NAMES and name not in FINISH_NAMES:
-        return Action(None, thought=thought, error=(
-            f"Unknown function {name!r}. Available functions: {', '.join(TOOL_NAMES)}."))
+        return Action(
+            None, thought=thought, error=(f"Unknown function {name!r}. Available functions: {', '.join(TOOL_NAMES)}.")
+        )
     parameters: dict[str, str] = {}
     for match in _PARAMETER.finditer(body):
         key, value = match.group(1).strip(), match.group(2)

@@ -379,8 +379,8 @@ class _OpenAIServer(ThreadingHTTPServer):
 
     def handle_error(self, request, client_address):
         error = sys.exc_info()[1]
-        if isinstance(error, (ConnectionError, socket.timeout, OSError)):
-            return  # the client went away (or the server is stopping): nothing to report
+        if isinstance(error, OSError):
+            return  # the client went away, timed out, or the server is stopping: nothing to report
         logger.exception("error while handling a request from %s", client_address)
 
     def close_connections(self) -> None:
@@ -593,14 +593,17 @@ def serve_transformers(
     def backend(body: dict) -> _Reply:
         try:
             prompt = tokenizer.apply_chat_template(
-                body["messages"], tokenize=False, add_generation_prompt=True, **(body.get("chat_template_kwargs") or {})
+                body["messages"],
+                tokenize=False,
+                add_generation_prompt=True,
+                **(body.get("chat_template_kwargs") or {}),
             )
         except Exception as error:
             raise StubHTTPError(400, f"cannot render the messages with the chat template: {error}") from error
         inputs = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").to(model.device)
         prompt_tokens = inputs["input_ids"].shape[1]
         max_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or DEFAULT_MAX_TOKENS)
-        temperature = float(body.get("temperature", 1.0) if body.get("temperature") is not None else 1.0)
+        temperature = float(body["temperature"]) if body.get("temperature") is not None else 1.0  # OpenAI default
         kwargs: dict[str, Any] = {
             "max_new_tokens": max_tokens,
             "eos_token_id": sorted(eos_ids) or None,

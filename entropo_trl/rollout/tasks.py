@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 DEFAULT_TEST_COMMAND = "python -m pytest -rA -q -p no:cacheprovider"
 
 
@@ -67,8 +66,18 @@ def task_from_swebench(instance: dict[str, Any], where: str = "instance") -> Tas
         if not isinstance(instance.get(key), str) or not instance[key]:
             raise ValueError(f"{where}: missing or empty '{key}'")
     instance_id = instance["instance_id"]
-    known = {"instance_id", "problem_statement", "repo", "base_commit", "FAIL_TO_PASS", "PASS_TO_PASS", "image",
-             "docker_image", "repo_path", "test_command"}
+    known = {
+        "instance_id",
+        "problem_statement",
+        "repo",
+        "base_commit",
+        "FAIL_TO_PASS",
+        "PASS_TO_PASS",
+        "image",
+        "docker_image",
+        "repo_path",
+        "test_command",
+    }
     return Task(
         instance_id=instance_id,
         problem_statement=instance["problem_statement"],
@@ -76,8 +85,9 @@ def task_from_swebench(instance: dict[str, Any], where: str = "instance") -> Tas
         base_commit=instance.get("base_commit"),
         FAIL_TO_PASS=_test_list(instance.get("FAIL_TO_PASS", []), f"{where}.FAIL_TO_PASS"),
         PASS_TO_PASS=_test_list(instance.get("PASS_TO_PASS", []), f"{where}.PASS_TO_PASS"),
-        image=instance.get("image") or instance.get("docker_image") or (
-            swebench_image(instance_id) if instance.get("repo") and not instance.get("repo_path") else None),
+        image=instance.get("image")
+        or instance.get("docker_image")
+        or (swebench_image(instance_id) if instance.get("repo") and not instance.get("repo_path") else None),
         repo_path=instance.get("repo_path"),
         test_command=instance.get("test_command") or DEFAULT_TEST_COMMAND,
         metadata={k: v for k, v in instance.items() if k not in known},

@@ -13,7 +13,6 @@ from pathlib import Path
 
 from .tasks import DEFAULT_TEST_COMMAND, Task, load_local_tasks
 
-
 # name: (correct line, buggy line, issue text, tests)
 FUNCTIONS = {
     "clamp": (
@@ -33,15 +32,21 @@ FUNCTIONS = {
         "    return letters == letters[::-1]\n",
         "def is_palindrome(text):\n    letters = [c for c in text if c.isalnum()]\n    return letters == letters[::-1]\n",
         "`toolkit.is_palindrome('Racecar')` is False: the check should ignore case (and punctuation).",
-        ["assert is_palindrome('Racecar')", "assert is_palindrome('A man, a plan, a canal: Panama')",
-         "assert not is_palindrome('toolkit')"],
+        [
+            "assert is_palindrome('Racecar')",
+            "assert is_palindrome('A man, a plan, a canal: Panama')",
+            "assert not is_palindrome('toolkit')",
+        ],
     ),
     "count_words": (
         "def count_words(text):\n    return len(text.split())\n",
         "def count_words(text):\n    return len(text.split(' '))\n",
         "`toolkit.count_words('a  b')` returns 3: repeated spaces, tabs and newlines are counted as extra words.",
-        ["assert count_words('a  b') == 2", "assert count_words('one\\ttwo\\nthree') == 3",
-         "assert count_words('hello world') == 2"],
+        [
+            "assert count_words('a  b') == 2",
+            "assert count_words('one\\ttwo\\nthree') == 3",
+            "assert count_words('hello world') == 2",
+        ],
     ),
     "last_n": (
         "def last_n(items, n):\n    return items[-n:] if n > 0 else []\n",

@@ -1,0 +1,108 @@
+"""Benchmark: rollout concurrency and the local sandbox's per-call overhead.
+
+    python bench/rollout_concurrency.py
+
+Concurrency: a stub OpenAI-compatible server on 127.0.0.1 answers every request in 50 ms with a cheap command
+(`echo`), then `finish` at the 20th step. One episode alone, then 32 episodes at once (concurrency 32), each in its own
+local sandbox (a private git checkout of a toy repository), without the test oracle. Speed-up = 32 x T(1) / T(32);
+ideal is 32; the target is >= 70 % of it.
+
+Sandbox overhead: median wall time of `LocalSandbox.run("true")` minus the median of running `bash -c true` directly
+with `subprocess.run`, measured interleaved.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import tempfile
+import time
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+from entropo_trl.rollout.client import ChatClient  # noqa: E402
+from entropo_trl.rollout.runner import RolloutConfig, run_rollouts  # noqa: E402
+from entropo_trl.rollout.sandbox import LocalSandbox  # noqa: E402
+from entropo_trl.rollout.scaffold import Action  # noqa: E402
+from entropo_trl.rollout.serve import serve_scripted  # noqa: E402
+from entropo_trl.rollout.toy import make_toy_tasks  # noqa: E402
+
+
+def policy(steps: int):
+    def respond(messages):
+        step = sum(m["role"] == "assistant" for m in messages)
+        if step >= steps - 1:
+            return Action("finish", {"command": "submit"}, "Done.").to_text()
+        return Action("execute_bash", {"cmd": f"echo step {step}"}, "Next step.").to_text()
+
+    return respond
+
+
+def concurrency_part(episodes: int, steps: int, delay: float) -> dict:
+    workdir = tempfile.mkdtemp(prefix="entropo-bench-")
+    [task] = make_toy_tasks(workdir + "/tasks", n=1)
+
+    async def run(n: int, pool: str) -> float:
+        with serve_scripted(policy(steps), delay=delay) as server:
+            async with ChatClient(server.base_url, "stub") as client:
+                config = RolloutConfig(n=n, concurrency=n, max_steps=steps + 1, oracle=False)
+                start = time.perf_counter()
+                summary = await run_rollouts([task], client, pool, config, progress=False)
+                elapsed = time.perf_counter() - start
+        assert summary.ran == n and summary.exit_reasons == {"agent": n}, summary
+        return elapsed
+
+    single = asyncio.run(run(1, f"{workdir}/one.jsonl"))
+    many = asyncio.run(run(episodes, f"{workdir}/many.jsonl"))
+    speedup = episodes * single / many
+    return {
+        "episodes": episodes,
+        "steps": steps,
+        "llm_delay_s": delay,
+        "one_episode_s": single,
+        f"{episodes}_episodes_s": many,
+        "speedup": speedup,
+        "fraction_of_ideal": speedup / episodes,
+    }
+
+
+def overhead_part(calls: int) -> dict:
+    workdir = tempfile.mkdtemp(prefix="entropo-bench-")
+    [task] = make_toy_tasks(workdir + "/tasks", n=1)
+    sandbox_times, direct_times = [], []
+    with LocalSandbox(task.repo_path) as sandbox:
+        for _ in range(calls):
+            start = time.perf_counter()
+            sandbox.run("true")
+            sandbox_times.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            subprocess.run(["bash", "-c", "true"], cwd=sandbox.workdir, capture_output=True)
+            direct_times.append(time.perf_counter() - start)
+    sandbox_median, direct_median = statistics.median(sandbox_times), statistics.median(direct_times)
+    return {
+        "calls": calls,
+        "sandbox_run_median_ms": 1000 * sandbox_median,
+        "bash_direct_median_ms": 1000 * direct_median,
+        "overhead_median_ms": 1000 * (sandbox_median - direct_median),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--episodes", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--delay", type=float, default=0.05)
+    parser.add_argument("--calls", type=int, default=200)
+    cli = parser.parse_args()
+    results = {
+        "cpus": os.cpu_count(),
+        "concurrency": concurrency_part(cli.episodes, cli.steps, cli.delay),
+        "sandbox_overhead": overhead_part(cli.calls),
+    }
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

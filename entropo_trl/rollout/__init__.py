@@ -1,0 +1,43 @@
+"""The rollout engine: the R2E scaffold and its four tools, sandboxes, an OpenAI-compatible client, the runner and
+the test oracle (DESIGN §4)."""
+
+from .client import ChatClient, Completion, ContextLimitExceeded, LLMError, SamplingParams
+from .oracle import OracleResult, evaluate_patch
+from .runner import RolloutConfig, RolloutSummary, default_sandbox_factory, run_episode, run_rollouts
+from .sandbox import CommandResult, DockerSandbox, LocalSandbox, Sandbox, SandboxError
+from .scaffold import SYSTEM_PROMPT, Action, parse_action
+from .tasks import Task, load_local_tasks, load_swebench_tasks, load_tasks
+from .tools import ToolResult, ToolState, execute
+from .toy import make_toy_tasks
+
+
+__all__ = [
+    "SYSTEM_PROMPT",
+    "Action",
+    "ChatClient",
+    "CommandResult",
+    "Completion",
+    "ContextLimitExceeded",
+    "DockerSandbox",
+    "LLMError",
+    "LocalSandbox",
+    "OracleResult",
+    "RolloutConfig",
+    "RolloutSummary",
+    "Sandbox",
+    "SandboxError",
+    "SamplingParams",
+    "Task",
+    "ToolResult",
+    "ToolState",
+    "default_sandbox_factory",
+    "evaluate_patch",
+    "execute",
+    "load_local_tasks",
+    "load_swebench_tasks",
+    "load_tasks",
+    "make_toy_tasks",
+    "parse_action",
+    "run_episode",
+    "run_rollouts",
+]

@@ -1,0 +1,607 @@
+"""Sandboxes: where an agent's commands run and its files live, one per episode.
+
+Two implementations share one interface, [`Sandbox`]:
+
+- [`LocalSandbox`] copies a folder into a private temporary directory and runs commands there with `bash -c`. No
+  isolation beyond the copy: for tests, demos and trusted tasks.
+- [`DockerSandbox`] runs one container per episode (e.g. an R2E-Gym / SWE-bench image with the repository at
+  `/testbed`) and talks to it through the `docker` CLI. Every command line is built by a small pure method, so it can
+  be checked without a daemon.
+
+Both record a base commit when they start; [`Sandbox.diff`] is the agent's patch against it (new files included), and
+[`Sandbox.apply_patch`] replays such a patch in another sandbox.
+
+Paths given to the file methods are absolute, or relative to `workdir`.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import os
+import posixpath
+import selectors
+import shlex
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_TIMEOUT = 90.0
+DEFAULT_MAX_OUTPUT = 1_000_000
+# What `diff` may return: a patch is not clipped like an observation.
+MAX_DIFF_CHARS = 50_000_000
+# Environment every command sees: no pagers, no colours, no stray .pyc files in the diff.
+COMMAND_ENV = {"PAGER": "cat", "GIT_PAGER": "cat", "TERM": "dumb", "PYTHONDONTWRITEBYTECODE": "1"}
+GIT_IDENTITY = {"user.name": "entropo", "user.email": "entropo@localhost", "commit.gpgsign": "false"}
+
+# After the command's main process exits, how long its background children may keep the output pipes open.
+_PIPE_GRACE = 0.2
+# How often to check whether the main process exited while its pipes are still open.
+_POLL_INTERVAL = 0.05
+_READ_CHUNK = 65536
+
+# Makes the working directory a git repository with one commit when it is not one, then prints HEAD.
+_ENSURE_BASE_SCRIPT = (
+    "set -e; if [ ! -e .git ]; then git init -q; git add -A; "
+    + "git "
+    + " ".join(f"-c {key}={value}" for key, value in GIT_IDENTITY.items())
+    + " commit -q --allow-empty --no-verify -m 'entropo base'; fi; git rev-parse HEAD"
+)
+
+
+@dataclass
+class CommandResult:
+    """The outcome of one command. `exit_code` is -1 when the command was killed at its time limit."""
+
+    exit_code: int
+    stdout: str
+    stderr: str
+    timed_out: bool = False
+    duration: float = 0.0  # seconds
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0 and not self.timed_out
+
+
+class SandboxError(RuntimeError):
+    """The sandbox itself failed (could not start, lost its container, git broke), as opposed to the agent's
+    command failing, which is a normal [`CommandResult`]."""
+
+
+class Sandbox(ABC):
+    """Where one episode runs. `workdir` is the absolute path of the repository root as the agent sees it, and the
+    directory commands start in. `base_commit` is the commit [`diff`] compares against."""
+
+    workdir: str
+    base_commit: str
+
+    @abstractmethod
+    def run(
+        self, command: str, timeout: float = DEFAULT_TIMEOUT, max_output: int = DEFAULT_MAX_OUTPUT
+    ) -> CommandResult:
+        """Run `bash -c command` in `workdir`, killed after `timeout` seconds; each stream is capped at `max_output`
+        characters (the head is kept, with a note of how much was dropped)."""
+
+    @abstractmethod
+    def read_file(self, path: str) -> str:
+        """The file's text (UTF-8). Raises `FileNotFoundError`, `IsADirectoryError` or `UnicodeDecodeError`."""
+
+    @abstractmethod
+    def write_file(self, path: str, content: str) -> None:
+        """Write `content` (UTF-8) to the file, creating its parent directories."""
+
+    @abstractmethod
+    def exists(self, path: str) -> bool: ...
+
+    @abstractmethod
+    def is_dir(self, path: str) -> bool: ...
+
+    @abstractmethod
+    def list_dir(self, path: str, depth: int = 2) -> list[str]:
+        """Non-hidden entries under `path` up to `depth` levels deep (hidden directories are not entered), relative
+        to `path`, sorted; directories end with '/'."""
+
+    @abstractmethod
+    def apply_patch(self, patch: str) -> CommandResult:
+        """`git apply` the patch in `workdir`."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release everything the sandbox holds. Safe to call twice."""
+
+    def resolve(self, path: str) -> str:
+        """`path` made absolute (relative paths are relative to `workdir`) and normalised."""
+        return posixpath.normpath(posixpath.join(self.workdir, path))
+
+    def diff(self) -> str:
+        """The working tree against `base_commit` as a `git diff` (binary-safe), including new untracked files that
+        are not ignored. Uses a temporary index, so the agent's staging area is left as it was."""
+        result = self.run(_diff_script(self.base_commit), timeout=300, max_output=MAX_DIFF_CHARS)
+        if not result.ok:
+            raise SandboxError(f"git diff failed (exit code {result.exit_code}): {result.stderr.strip()}")
+        return result.stdout
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __del__(self):
+        # Only the process that made the sandbox cleans it up (not a forked child that inherited the object).
+        if getattr(self, "_owner_pid", None) != os.getpid():
+            return
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def _diff_script(base_commit: str) -> str:
+    # A copy of the index, so `git add -A` does not change what the agent has staged.
+    return (
+        'tmp="$(mktemp -d)"; idx="$tmp/index"; trap \'rm -rf "$tmp"\' EXIT; '
+        'cp "$(git rev-parse --git-path index)" "$idx" 2>/dev/null || true; '
+        'export GIT_INDEX_FILE="$idx"; git add -A && '
+        f"git -c core.fileMode=false diff --cached --binary --no-color --no-ext-diff {shlex.quote(base_commit)}"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------- processes
+
+
+def _decode_capped(data: bytes, total_bytes: int, max_output: int) -> str:
+    """Decode captured bytes, keep the first `max_output` characters, and say how much was dropped."""
+    text = data.decode("utf-8", errors="replace")
+    dropped_chars = max(0, len(text) - max_output)
+    dropped_bytes = total_bytes - len(data)
+    if not dropped_chars and not dropped_bytes:
+        return text
+    note = f"{dropped_chars} characters" if not dropped_bytes else f"about {dropped_chars + dropped_bytes} characters"
+    return text[:max_output] + f"\n[... output truncated: {note} dropped ...]"
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+class _Capture:
+    """Bytes read from one pipe: the first `limit` are kept, the rest only counted."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.data = bytearray()
+        self.total = 0
+
+    def add(self, chunk: bytes) -> None:
+        self.total += len(chunk)
+        room = self.limit - len(self.data)
+        if room > 0:
+            self.data += chunk[:room]
+
+
+def run_process(
+    argv: Sequence[str],
+    *,
+    timeout: float,
+    max_output: int = DEFAULT_MAX_OUTPUT,
+    cwd: str | None = None,
+    env: dict[str, str] | None = None,
+    input: bytes | None = None,
+) -> tuple[CommandResult, int]:
+    """Run `argv` in a new process group with a time limit, never hanging on pipes held open by its children.
+
+    The process group is killed when the time limit passes, and also when the main process has exited but children
+    still hold its output pipes after a short grace period (e.g. `server &` without redirection). Children that
+    redirected their output (`server > log 2>&1 &`) keep running; the caller owns the returned process group id.
+    Returns the result and the process group id.
+    """
+    start = time.monotonic()
+    deadline = start + timeout
+    proc = subprocess.Popen(
+        list(argv),
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    pgid = proc.pid  # a new session: the process leads its own group
+    captures = {proc.stdout: _Capture(4 * max_output + 4), proc.stderr: _Capture(4 * max_output + 4)}
+    timed_out = _pump(proc, captures, input, deadline)
+    if not timed_out and proc.poll() is None:  # the pipes closed but the process is still running
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            timed_out = True
+    if timed_out or proc.poll() is None or any(not pipe.closed for pipe in captures):
+        _kill_group(pgid)
+        _drain(captures, time.monotonic() + 0.5)
+    exit_code = proc.wait()
+    for pipe in captures:
+        pipe.close()
+    out, err = captures[proc.stdout], captures[proc.stderr]
+    result = CommandResult(
+        exit_code=-1 if timed_out else exit_code,
+        stdout=_decode_capped(bytes(out.data), out.total, max_output),
+        stderr=_decode_capped(bytes(err.data), err.total, max_output),
+        timed_out=timed_out,
+        duration=time.monotonic() - start,
+    )
+    return result, pgid
+
+
+def _pump(proc: subprocess.Popen, captures: dict, input: bytes | None, deadline: float) -> bool:
+    """Feed stdin and read stdout/stderr until both close, the main process exits leaving them held open by its
+    children (for longer than the grace period), or the deadline passes. Returns whether the deadline passed."""
+    with selectors.DefaultSelector() as selector:
+        for pipe in captures:
+            selector.register(pipe, selectors.EVENT_READ)
+        pending = memoryview(input or b"")
+        if input is not None:
+            if pending:
+                selector.register(proc.stdin, selectors.EVENT_WRITE)
+            else:
+                proc.stdin.close()
+        exited_at = None
+        while selector.get_map():
+            now = time.monotonic()
+            if now >= deadline:
+                return True
+            if exited_at is not None and now - exited_at > _PIPE_GRACE:
+                return False
+            for key, _ in selector.select(min(deadline - now, _POLL_INTERVAL)):
+                if key.fileobj is proc.stdin:
+                    pending = _write_some(proc.stdin, pending, selector)
+                    continue
+                chunk = os.read(key.fd, _READ_CHUNK)
+                if chunk:
+                    captures[key.fileobj].add(chunk)
+                else:
+                    selector.unregister(key.fileobj)
+                    key.fileobj.close()
+            if exited_at is None and proc.poll() is not None:
+                exited_at = time.monotonic()
+    return False
+
+
+def _write_some(stdin, pending: memoryview, selector: selectors.BaseSelector) -> memoryview:
+    try:
+        written = os.write(stdin.fileno(), pending[:_READ_CHUNK])
+    except BrokenPipeError:  # the process stopped reading: it keeps what it got
+        written = len(pending)
+    pending = pending[written:]
+    if not pending:
+        selector.unregister(stdin)
+        stdin.close()
+    return pending
+
+
+def _drain(captures: dict, deadline: float) -> None:
+    """Read what is left in pipes that are still open, until they close or the deadline passes (a process that
+    escaped the group may hold them forever)."""
+    open_pipes = [pipe for pipe in captures if not pipe.closed]
+    if not open_pipes:
+        return
+    with selectors.DefaultSelector() as selector:
+        for pipe in open_pipes:
+            selector.register(pipe, selectors.EVENT_READ)
+        while selector.get_map() and time.monotonic() < deadline:
+            for key, _ in selector.select(max(0.0, deadline - time.monotonic())):
+                chunk = os.read(key.fd, _READ_CHUNK)
+                if chunk:
+                    captures[key.fileobj].add(chunk)
+                else:
+                    selector.unregister(key.fileobj)
+                    key.fileobj.close()
+
+
+# ------------------------------------------------------------------------------------------------------- local
+
+
+class LocalSandbox(Sandbox):
+    """A private copy of `repo` in a fresh temporary directory; commands run there with `bash -c`.
+
+    If `repo` is not a git repository, the copy becomes one with a single commit of everything, so there is always a
+    base commit. If `base_commit` is given it is checked out (untracked files are removed, ignored ones kept).
+
+    Each command runs in its own process group. The group is killed at the time limit, or when the command has
+    finished but background children still hold its output; background processes whose output is redirected survive
+    until [`close`], which kills every group the sandbox started and deletes the copy. Processes that start their own
+    session (`setsid`) escape this bookkeeping.
+    """
+
+    def __init__(self, repo: str | Path, base_commit: str | None = None, root: str | Path | None = None):
+        source = Path(repo).resolve()
+        if not source.is_dir():
+            raise SandboxError(f"repository folder not found: {source}")
+        self._groups: set[int] = set()
+        self._owner_pid = os.getpid()
+        self._root = tempfile.mkdtemp(prefix="entropo-sandbox-", dir=root)
+        self._closed = False
+        try:
+            copy = Path(self._root) / (source.name or "repo")
+            shutil.copytree(source, copy, symlinks=True)
+            _detach_linked_git(copy, base_commit)
+            self.workdir = os.path.realpath(copy)
+            self._env = {**os.environ, **COMMAND_ENV}
+            self.base_commit = self._init_git(base_commit)
+        except BaseException:
+            self.close()
+            raise
+
+    def _init_git(self, base_commit: str | None) -> str:
+        script = _ENSURE_BASE_SCRIPT
+        if base_commit is not None:
+            script += (
+                f" >/dev/null; git checkout -q --force {shlex.quote(base_commit)}; git clean -fdq; git rev-parse HEAD"
+            )
+        script += "; " + "; ".join(f"git config {key} {value}" for key, value in GIT_IDENTITY.items())
+        result = self.run(script, timeout=300)
+        if not result.ok:
+            raise SandboxError(f"could not set up git in {self.workdir}: {result.stderr.strip() or result.stdout}")
+        return result.stdout.split()[-1]
+
+    def run(
+        self, command: str, timeout: float = DEFAULT_TIMEOUT, max_output: int = DEFAULT_MAX_OUTPUT
+    ) -> CommandResult:
+        if self._closed:
+            raise SandboxError("the sandbox is closed")
+        result, pgid = run_process(
+            ["bash", "-c", command], timeout=timeout, max_output=max_output, cwd=self.workdir, env=self._env
+        )
+        self._groups = {group for group in self._groups if _group_alive(group)}
+        if _group_alive(pgid):
+            self._groups.add(pgid)
+        return result
+
+    def read_file(self, path: str) -> str:
+        return Path(self.resolve(path)).read_bytes().decode("utf-8")
+
+    def write_file(self, path: str, content: str) -> None:
+        target = Path(self.resolve(path))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(content.encode("utf-8"))
+
+    def exists(self, path: str) -> bool:
+        return os.path.lexists(self.resolve(path))
+
+    def is_dir(self, path: str) -> bool:
+        return os.path.isdir(self.resolve(path))
+
+    def list_dir(self, path: str, depth: int = 2) -> list[str]:
+        top = self.resolve(path)
+        if not os.path.isdir(top):
+            raise NotADirectoryError(f"not a directory: {top}")
+        entries: list[str] = []
+        _walk(top, "", depth, entries)
+        return sorted(entries)
+
+    def apply_patch(self, patch: str) -> CommandResult:
+        patch_file = os.path.join(self._root, f"patch-{uuid.uuid4().hex}.diff")
+        Path(patch_file).write_bytes(patch.encode("utf-8"))
+        try:
+            return self.run(f"git apply --whitespace=nowarn {shlex.quote(patch_file)}", timeout=300)
+        finally:
+            os.unlink(patch_file)
+
+    def close(self) -> None:
+        if getattr(self, "_closed", True):
+            return
+        self._closed = True
+        for group in self._groups:
+            _kill_group(group)
+        self._groups.clear()
+        shutil.rmtree(self._root, ignore_errors=True)
+
+
+def _detach_linked_git(copy: Path, base_commit: str | None) -> None:
+    """A `.git` *file* (a worktree or submodule) points into the source's repository, which the copy must not touch:
+    drop it, so the copy becomes a fresh repository with one commit of its current files."""
+    link = copy / ".git"
+    if link.is_file():
+        if base_commit is not None:
+            raise SandboxError(
+                f"{copy.name} is a git worktree or submodule (.git is a file): cannot check out {base_commit!r} in a "
+                "private copy; pass the main repository, or no base_commit to snapshot the current files"
+            )
+        link.unlink()
+
+
+def _walk(directory: str, prefix: str, depth: int, entries: list[str]) -> None:
+    if depth <= 0:
+        return
+    with os.scandir(directory) as scan:
+        children = [entry for entry in scan if not entry.name.startswith(".")]
+    for entry in children:
+        if entry.is_dir(follow_symlinks=False):
+            entries.append(f"{prefix}{entry.name}/")
+            _walk(entry.path, f"{prefix}{entry.name}/", depth - 1, entries)
+        else:
+            entries.append(f"{prefix}{entry.name}")
+
+
+# ------------------------------------------------------------------------------------------------------ docker
+
+
+class DockerSandbox(Sandbox):
+    """One container per episode, started from `image` with the repository at `workdir`.
+
+    The container sleeps forever and every command is a `docker exec`; inside, `timeout -s KILL` kills the command's
+    whole process group at the time limit. [`start`] (or entering the context) starts the container and records
+    `HEAD` as the base commit (a workdir that is not a git repository is made one); [`close`] removes it.
+
+    `run_args` go to `docker run` unchanged (e.g. `["--network", "none", "--memory", "8g"]`).
+    """
+
+    # Extra seconds the host waits for `docker exec` beyond the command's own limit.
+    HOST_GRACE = 15.0
+
+    def __init__(
+        self,
+        image: str,
+        workdir: str = "/testbed",
+        docker: str = "docker",
+        run_args: Sequence[str] = (),
+        name: str | None = None,
+    ):
+        self.image = image
+        self.workdir = posixpath.normpath(workdir)
+        self.docker = docker
+        self.run_args = list(run_args)
+        self.name = name or f"entropo-{uuid.uuid4().hex[:12]}"
+        self.base_commit = ""
+        self._started = False
+        self._owner_pid = os.getpid()
+
+    # ---- command lines (pure)
+
+    def start_command(self) -> list[str]:
+        return [
+            self.docker,
+            "run",
+            "-d",
+            "--rm",
+            "--name",
+            self.name,
+            *self.run_args,
+            "-w",
+            self.workdir,
+            self.image,
+            "sleep",
+            "infinity",
+        ]
+
+    def exec_command(self, command: str, timeout: float | None = None, stdin: bool = False) -> list[str]:
+        """`docker exec` of `bash -c command` in `workdir`, under `timeout -s KILL` when a time limit is given."""
+        argv = [self.docker, "exec", *(["-i"] if stdin else []), "-w", self.workdir]
+        for key, value in COMMAND_ENV.items():
+            argv += ["-e", f"{key}={value}"]
+        argv.append(self.name)
+        if timeout is not None:
+            argv += ["timeout", "-s", "KILL", str(max(1, math.ceil(timeout)))]
+        return [*argv, "bash", "-c", command]
+
+    def stop_command(self) -> list[str]:
+        return [self.docker, "rm", "-f", self.name]
+
+    # ---- lifecycle
+
+    def start(self) -> DockerSandbox:
+        """Start the container and record the base commit. Raises `SandboxError` when Docker is unusable."""
+        if self._started:
+            return self
+        try:
+            started = subprocess.run(self.start_command(), capture_output=True, text=True, timeout=600)
+        except FileNotFoundError as error:
+            raise SandboxError(f"Docker CLI not found: {self.docker!r} ({error})") from error
+        except subprocess.TimeoutExpired as error:
+            raise SandboxError(f"`docker run` of {self.image} did not return within 600 s") from error
+        if started.returncode != 0:
+            message = started.stderr.strip()
+            if "daemon" in message.lower() or "docker.sock" in message:
+                raise SandboxError(f"Docker daemon not reachable: {message}")
+            raise SandboxError(f"could not start a container from {self.image}: {message}")
+        self._started = True
+        result = self.run(_ENSURE_BASE_SCRIPT, timeout=300)
+        if not result.ok:
+            self.close()
+            raise SandboxError(f"could not record the base commit in {self.workdir}: {result.stderr.strip()}")
+        self.base_commit = result.stdout.split()[-1]
+        return self
+
+    def __enter__(self):
+        return self.start()
+
+    def close(self) -> None:
+        if not getattr(self, "_started", False):
+            return
+        self._started = False
+        try:
+            subprocess.run(self.stop_command(), capture_output=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+
+    # ---- commands and files
+
+    def _exec(
+        self, command: str, timeout: float, max_output: int = DEFAULT_MAX_OUTPUT, input: bytes | None = None
+    ) -> CommandResult:
+        if not self._started:
+            raise SandboxError("the container is not running: call start() first")
+        argv = self.exec_command(command, timeout, stdin=input is not None)
+        result, pgid = run_process(argv, timeout=timeout + self.HOST_GRACE, max_output=max_output, input=input)
+        _kill_group(pgid)  # only the local docker client, the container is untouched
+        # `timeout -s KILL` kills its whole group, itself included: docker reports 137 (128 + SIGKILL).
+        if result.timed_out or (result.exit_code in (137, -signal.SIGKILL) and result.duration >= timeout):
+            result.exit_code, result.timed_out = -1, True
+        elif result.exit_code in (125, 126) and "No such container" in result.stderr:
+            raise SandboxError(f"container {self.name} is gone: {result.stderr.strip()}")
+        return result
+
+    def run(
+        self, command: str, timeout: float = DEFAULT_TIMEOUT, max_output: int = DEFAULT_MAX_OUTPUT
+    ) -> CommandResult:
+        return self._exec(command, timeout, max_output)
+
+    def read_file(self, path: str) -> str:
+        target = self.resolve(path)
+        quoted = shlex.quote(target)
+        # base64 keeps the bytes exact, so a file that is not UTF-8 fails to decode here as it does locally.
+        command = f"if [ -d {quoted} ]; then exit 21; fi; base64 -w0 -- {quoted}"
+        result = self._exec(command, 60, MAX_DIFF_CHARS)
+        if result.exit_code == 21:
+            raise IsADirectoryError(f"is a directory: {target}")
+        if not result.ok:
+            raise FileNotFoundError(f"cannot read {target}: {result.stderr.strip()}")
+        return base64.b64decode(result.stdout).decode("utf-8")
+
+    def write_file(self, path: str, content: str) -> None:
+        target = shlex.quote(self.resolve(path))
+        command = f'mkdir -p "$(dirname -- {target})" && base64 -d > {target}'
+        result = self._exec(command, 60, input=base64.b64encode(content.encode("utf-8")))
+        if not result.ok:
+            raise OSError(f"cannot write {self.resolve(path)}: {result.stderr.strip()}")
+
+    def exists(self, path: str) -> bool:
+        target = shlex.quote(self.resolve(path))
+        return self._exec(f"test -e {target} || test -L {target}", 60).ok
+
+    def is_dir(self, path: str) -> bool:
+        return self._exec(f"test -d {shlex.quote(self.resolve(path))}", 60).ok
+
+    def list_dir(self, path: str, depth: int = 2) -> list[str]:
+        target = shlex.quote(self.resolve(path))
+        command = (
+            f"test -d {target} || exit 20; find {target} -mindepth 1 -maxdepth {int(depth)} -name '.*' -prune "
+            "-o -type d -printf '%P/\\n' -o -printf '%P\\n'"
+        )
+        result = self._exec(command, 60, MAX_DIFF_CHARS)
+        if result.exit_code == 20:
+            raise NotADirectoryError(f"not a directory: {self.resolve(path)}")
+        if not result.ok:
+            raise SandboxError(f"listing {self.resolve(path)} failed: {result.stderr.strip()}")
+        return sorted(line for line in result.stdout.splitlines() if line)
+
+    def apply_patch(self, patch: str) -> CommandResult:
+        return self._exec("git apply --whitespace=nowarn -", 300, input=patch.encode("utf-8"))

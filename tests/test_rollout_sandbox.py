@@ -1,0 +1,350 @@
+"""Sandboxes: LocalSandbox against real temporary repositories, DockerSandbox's command lines (and, when a daemon
+answers, a real container)."""
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from entropo_trl.rollout.sandbox import CommandResult, DockerSandbox, LocalSandbox, SandboxError
+
+
+def make_repo(path: Path, git: bool = False) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "pkg").mkdir()
+    (path / "pkg" / "__init__.py").write_text("")
+    (path / "pkg" / "core.py").write_text("def add(a, b):\n    return a + b\n")
+    (path / "README.md").write_text("demo\n")
+    if git:
+        env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+               "GIT_COMMITTER_EMAIL": "t@t"}  # fmt: skip
+        for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-q", "-m", "one"]):
+            subprocess.run(command, cwd=path, env=env, check=True)
+        (path / "README.md").write_text("demo v2\n")
+        subprocess.run(["git", "commit", "-q", "-am", "two"], cwd=path, env=env, check=True)
+    return path
+
+
+def group_members(pgid: int) -> list[str]:
+    """Live (non-zombie) processes of a process group, read from /proc."""
+    alive = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, pgrp, ...
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            alive.append(stat)
+    return alive
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def repo(tmp_path):
+    return make_repo(tmp_path / "project")
+
+
+@pytest.fixture
+def sandbox(repo, tmp_path):
+    with LocalSandbox(repo, root=tmp_path) as box:
+        yield box
+
+
+# ----------------------------------------------------------------------------------------------------- LocalSandbox
+
+
+def test_copy_is_private_and_a_git_repo(repo, sandbox):
+    assert Path(sandbox.workdir) != repo and Path(sandbox.workdir).is_dir()
+    assert os.path.isabs(sandbox.workdir) and os.path.realpath(sandbox.workdir) == sandbox.workdir
+    assert len(sandbox.base_commit) == 40
+    assert sandbox.run("git rev-parse HEAD").stdout.strip() == sandbox.base_commit
+    sandbox.write_file("pkg/core.py", "changed\n")
+    sandbox.run("rm README.md")
+    assert (repo / "pkg" / "core.py").read_text().startswith("def add")
+    assert (repo / "README.md").exists()
+    assert not (repo / ".git").exists()  # the source folder is left as it was
+
+
+def test_close_removes_the_copy(repo, tmp_path):
+    box = LocalSandbox(repo, root=tmp_path)
+    workdir = box.workdir
+    box.close()
+    box.close()
+    assert not os.path.exists(workdir)
+    with pytest.raises(SandboxError, match="closed"):
+        box.run("true")
+
+
+def test_missing_repo_is_a_clear_error(tmp_path):
+    with pytest.raises(SandboxError, match="not found"):
+        LocalSandbox(tmp_path / "nope")
+
+
+def test_base_commit_of_a_git_repo(tmp_path):
+    source = make_repo(tmp_path / "gitrepo", git=True)
+    first = subprocess.run(["git", "rev-parse", "HEAD~1"], cwd=source, capture_output=True, text=True).stdout.strip()
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True).stdout.strip()
+    with LocalSandbox(source, root=tmp_path) as box:
+        assert box.base_commit == head
+        assert box.read_file("README.md") == "demo v2\n"
+    with LocalSandbox(source, base_commit=first, root=tmp_path) as box:
+        assert box.base_commit == first
+        assert box.read_file(os.path.join(box.workdir, "README.md")) == "demo\n"
+        assert box.diff() == ""
+    with pytest.raises(SandboxError, match="could not set up git"):
+        LocalSandbox(source, base_commit="no-such-commit", root=tmp_path)
+
+
+def test_diff_has_modified_and_new_files(sandbox):
+    assert sandbox.diff() == ""
+    sandbox.write_file("pkg/core.py", "def add(a, b):\n    return b + a\n")
+    sandbox.write_file("pkg/new/extra.py", "X = 1\n")
+    sandbox.run("git add pkg/core.py")  # what the agent staged is left alone
+    patch = sandbox.diff()
+    assert "diff --git a/pkg/core.py b/pkg/core.py" in patch and "+    return b + a" in patch
+    assert "new file mode" in patch and "+X = 1" in patch
+    assert sandbox.run("git status --short").stdout.splitlines() == ["M  pkg/core.py", "?? pkg/new/"]
+
+
+def test_apply_patch_round_trip(repo, tmp_path):
+    with LocalSandbox(repo, root=tmp_path) as first:
+        first.write_file("pkg/core.py", "def add(a, b):\n    return a + b + 0\n")
+        first.write_file("docs/notes.txt", "hello\n")
+        first.run("rm README.md")
+        patch = first.diff()
+    with LocalSandbox(repo, root=tmp_path) as second:
+        result = second.apply_patch(patch)
+        assert result.ok, result.stderr
+        assert second.read_file("pkg/core.py").endswith("a + b + 0\n")
+        assert second.read_file("docs/notes.txt") == "hello\n"
+        assert not second.exists("README.md")
+        assert second.diff() == patch
+        bad = second.apply_patch("not a patch\n")
+        assert not bad.ok and bad.stderr
+
+
+def test_run_exit_code_stdout_stderr_and_cwd(sandbox):
+    result = sandbox.run("echo out; echo err >&2; pwd; exit 3")
+    assert isinstance(result, CommandResult)
+    assert result.exit_code == 3 and not result.ok and not result.timed_out
+    assert result.stdout == f"out\n{sandbox.workdir}\n"
+    assert result.stderr == "err\n"
+    assert result.duration > 0
+    env = sandbox.run("echo $PAGER $GIT_PAGER $TERM $PYTHONDONTWRITEBYTECODE").stdout.split()
+    assert env == ["cat", "cat", "dumb", "1"]
+    assert sandbox.run("cat").stdout == ""  # stdin is empty, nothing waits for input
+
+
+def test_timeout_kills_the_whole_process_group(sandbox):
+    start = time.monotonic()
+    result = sandbox.run("echo started; sleep 1000 & while true; do sleep 0.1; done", timeout=1.0)
+    elapsed = time.monotonic() - start
+    assert result.timed_out and result.exit_code == -1
+    assert result.stdout == "started\n"
+    assert 1.0 <= elapsed < 3.0
+    marker = sandbox.run("sleep 1000 & echo $$", timeout=5)  # the group id is the bash pid
+    pgid = int(marker.stdout.strip())
+    deadline = time.monotonic() + 2
+    while group_members(pgid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert group_members(pgid) == []
+
+
+def test_timeout_group_is_dead_after_the_limit(sandbox):
+    sandbox.run("true")
+    result = sandbox.run("echo $$ > pgid; sleep 1000 & while true; do sleep 0.1; done", timeout=0.5)
+    assert result.timed_out
+    pgid = int(sandbox.read_file("pgid"))
+    deadline = time.monotonic() + 2
+    while group_members(pgid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert group_members(pgid) == []
+
+
+def test_background_child_holding_the_pipes_does_not_hang(sandbox):
+    start = time.monotonic()
+    result = sandbox.run("sleep 1000 & echo done", timeout=30)
+    assert time.monotonic() - start < 2
+    assert result.ok and result.stdout == "done\n"
+
+
+def test_redirected_background_process_survives_until_close(repo, tmp_path):
+    box = LocalSandbox(repo, root=tmp_path)
+    pid = int(box.run("sleep 1000 > /dev/null 2>&1 & echo $!").stdout)
+    assert box.run(f"kill -0 {pid}").ok
+    box.close()
+    deadline = time.monotonic() + 2
+    while process_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not process_alive(pid)
+
+
+def test_output_is_capped(sandbox):
+    result = sandbox.run("yes abc | head -c 100000; yes err | head -c 5000 >&2", max_output=1000)
+    assert result.stdout.startswith("abc\nabc\n")
+    assert len(result.stdout) < 1200 and "output truncated" in result.stdout and "99000" in result.stdout
+    assert "output truncated" in result.stderr
+    flood = sandbox.run("yes", timeout=1, max_output=100)
+    assert flood.timed_out and len(flood.stdout) < 300
+
+
+def test_per_call_overhead_is_small(sandbox):
+    durations = []
+    for _ in range(15):
+        start = time.perf_counter()
+        sandbox.run("true")
+        durations.append(time.perf_counter() - start)
+    assert sorted(durations)[len(durations) // 2] < 0.1
+
+
+def test_file_operations(sandbox):
+    sandbox.write_file("a/b/c.txt", "héllo\n")
+    assert sandbox.read_file(os.path.join(sandbox.workdir, "a/b/c.txt")) == "héllo\n"
+    assert sandbox.exists("a/b") and sandbox.is_dir("a/b") and not sandbox.is_dir("a/b/c.txt")
+    assert not sandbox.exists("missing.txt")
+    with pytest.raises(FileNotFoundError):
+        sandbox.read_file("missing.txt")
+    sandbox.write_file(".hidden/x.txt", "")
+    sandbox.write_file("a/b/c/d/deep.txt", "")
+    assert sandbox.list_dir(".") == ["README.md", "a/", "a/b/", "pkg/", "pkg/__init__.py", "pkg/core.py"]
+    assert sandbox.list_dir("a", depth=3) == ["b/", "b/c.txt", "b/c/", "b/c/d/"]
+    with pytest.raises(NotADirectoryError):
+        sandbox.list_dir("README.md")
+
+
+def test_non_git_folder_with_linked_git_file(tmp_path):
+    source = make_repo(tmp_path / "worktree")
+    (source / ".git").write_text("gitdir: /elsewhere/.git/worktrees/x\n")
+    with LocalSandbox(source, root=tmp_path) as box:
+        assert box.run("git log --oneline").stdout.count("\n") == 1
+        assert box.diff() == ""
+    assert (source / ".git").read_text().startswith("gitdir:")
+
+
+# ---------------------------------------------------------------------------------------------------- DockerSandbox
+
+
+def test_docker_command_lines():
+    box = DockerSandbox("img:1", workdir="/testbed", docker="podman", run_args=["--network", "none"], name="ep1")
+    assert box.start_command() == [
+        "podman", "run", "-d", "--rm", "--name", "ep1", "--network", "none", "-w", "/testbed", "img:1",
+        "sleep", "infinity",
+    ]  # fmt: skip
+    argv = box.exec_command("ls -la", timeout=12.5)
+    assert argv[:2] == ["podman", "exec"] and "-i" not in argv
+    assert argv[argv.index("-w") + 1] == "/testbed"
+    assert "PAGER=cat" in argv and "TERM=dumb" in argv
+    assert argv[argv.index("ep1") + 1 :] == ["timeout", "-s", "KILL", "13", "bash", "-c", "ls -la"]
+    assert box.exec_command("cat", stdin=True)[-4:] == ["ep1", "bash", "-c", "cat"]
+    assert "-i" in box.exec_command("cat", stdin=True)
+    assert box.stop_command() == ["podman", "rm", "-f", "ep1"]
+    assert DockerSandbox("img").name.startswith("entropo-")
+    assert box.resolve("src/x.py") == "/testbed/src/x.py" and box.resolve("/etc/hosts") == "/etc/hosts"
+
+
+def test_docker_needs_start_and_reports_errors():
+    box = DockerSandbox("img", docker="definitely-not-a-docker-binary")
+    with pytest.raises(SandboxError, match="not running"):
+        box.run("true")
+    with pytest.raises(SandboxError, match="Docker CLI not found"):
+        box.start()
+    box.close()  # nothing to stop
+
+
+def test_docker_unreachable_daemon_is_a_clear_error(tmp_path):
+    fake = tmp_path / "docker"
+    fake.write_text(
+        "#!/bin/sh\necho 'Cannot connect to the Docker daemon at unix:///var/run/docker.sock.' >&2\nexit 1\n"
+    )
+    fake.chmod(0o755)
+    with pytest.raises(SandboxError, match="Docker daemon not reachable"):
+        DockerSandbox("img", docker=str(fake)).start()
+
+
+def _docker_daemon_answers() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    try:
+        return subprocess.run(["docker", "info"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _docker_daemon_answers(), reason="no Docker daemon answers `docker info`")
+def test_docker_sandbox_end_to_end():
+    image = os.environ.get("ENTROPO_TEST_DOCKER_IMAGE", "python:3.11-slim")
+    with DockerSandbox(image, workdir="/work") as box:
+        if box.run("command -v git").exit_code != 0:
+            pytest.skip(f"{image} has no git")
+        assert len(box.base_commit) == 40 and box.diff() == ""
+        box.write_file("pkg/mod.py", "x = 1\n")
+        assert box.read_file("pkg/mod.py") == "x = 1\n" and box.exists("pkg") and box.is_dir("pkg")
+        assert box.list_dir(".") == ["pkg/", "pkg/mod.py"]
+        assert "+x = 1" in box.diff()
+        result = box.run("echo hi; sleep 1000 & while true; do sleep 0.1; done", timeout=2)
+        assert result.timed_out and result.stdout == "hi\n"
+
+
+FAKE_DOCKER = """#!/bin/bash
+# A stand-in for the docker CLI: `run` and `rm` succeed, `exec` runs the command on this machine.
+case "$1" in
+  run|rm) echo fake; exit 0 ;;
+  exec) shift ;;
+  *) exit 1 ;;
+esac
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -i) shift ;;
+    -w) cd "$2" || exit 126; shift 2 ;;
+    -e) export "$2"; shift 2 ;;
+    *) shift; break ;;  # the container name
+  esac
+done
+exec "$@"
+"""
+
+
+def test_docker_sandbox_through_a_fake_cli(tmp_path):
+    """The shell snippets behind DockerSandbox's file operations, run by a fake `docker exec` on this machine."""
+    fake = tmp_path / "docker"
+    fake.write_text(FAKE_DOCKER)
+    fake.chmod(0o755)
+    workdir = make_repo(tmp_path / "testbed")
+    with DockerSandbox("img", workdir=str(workdir), docker=str(fake)) as box:
+        assert len(box.base_commit) == 40 and box.diff() == ""
+        assert box.run("echo $PAGER; pwd").stdout == f"cat\n{workdir}\n"
+        box.write_file("pkg/new/mod.py", "héllo = 1\n")
+        assert box.read_file(str(workdir / "pkg/new/mod.py")) == "héllo = 1\n"
+        assert box.exists("pkg/new") and box.is_dir("pkg/new") and not box.is_dir("pkg/new/mod.py")
+        assert not box.exists("missing")
+        with pytest.raises(FileNotFoundError):
+            box.read_file("missing")
+        with pytest.raises(IsADirectoryError):
+            box.read_file("pkg")
+        (workdir / "blob.bin").write_bytes(b"\xff\xfe")
+        with pytest.raises(UnicodeDecodeError):
+            box.read_file("blob.bin")
+        (workdir / "blob.bin").unlink()
+        with pytest.raises(NotADirectoryError):
+            box.list_dir("README.md")
+        box.write_file(".hidden/x", "")
+        assert box.list_dir(".") == ["README.md", "pkg/", "pkg/__init__.py", "pkg/core.py", "pkg/new/"]
+        patch = box.diff()
+        assert "+héllo = 1" in patch
+        timed = box.run("echo hi; sleep 1000 & while true; do sleep 0.1; done", timeout=1)
+        assert timed.timed_out and timed.exit_code == -1 and timed.stdout == "hi\n"
+    with LocalSandbox(make_repo(tmp_path / "fresh"), root=tmp_path) as fresh:
+        assert fresh.apply_patch(patch).ok and fresh.read_file("pkg/new/mod.py") == "héllo = 1\n"
