@@ -2,7 +2,7 @@
 
     python bench/rollout_concurrency.py
 
-Concurrency: a stub OpenAI-compatible server on 127.0.0.1 answers every request in 50 ms with a cheap command
+Concurrency: a stub OpenAI-compatible server on 127.0.0.1, in its own process, answers every request in 50 ms with a cheap command
 (`echo`), then `finish` at the 20th step. One episode alone, then 32 episodes at once (concurrency 32), each in its own
 local sandbox (a private git checkout of a toy repository), without the test oracle. Speed-up = 32 x T(1) / T(32);
 ideal is 32; the target is >= 70 % of it.
@@ -15,10 +15,13 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
@@ -40,22 +43,47 @@ def policy(steps: int):
     return respond
 
 
+def stub_server(steps: int, delay: float, url_file: str) -> None:
+    """The stub LLM server, in its own process (as vLLM would be): it must not share the runner's GIL."""
+    with serve_scripted(policy(steps), delay=delay) as server:
+        Path(url_file).write_text(server.base_url)
+        while True:
+            time.sleep(3600)
+
+
 def concurrency_part(episodes: int, steps: int, delay: float) -> dict:
     workdir = tempfile.mkdtemp(prefix="entropo-bench-")
     [task] = make_toy_tasks(workdir + "/tasks", n=1)
+    url_file = Path(workdir) / "url"
+    server = subprocess.Popen(
+        [sys.executable, __file__, "--serve_stub", str(url_file), "--steps", str(steps), "--delay", str(delay)]
+    )
+    try:
+        while not url_file.exists() or not url_file.read_text():
+            if server.poll() is not None:
+                raise RuntimeError("the stub server exited")
+            time.sleep(0.05)
+        base_url = url_file.read_text()
 
-    async def run(n: int, pool: str) -> float:
-        with serve_scripted(policy(steps), delay=delay) as server:
-            async with ChatClient(server.base_url, "stub") as client:
+        cpu = {}
+
+        async def run(n: int, pool: str) -> float:
+            async with ChatClient(base_url, "stub") as client:
                 config = RolloutConfig(n=n, concurrency=n, max_steps=steps + 1, oracle=False)
-                start = time.perf_counter()
+                start, cpu_start, children_start = time.perf_counter(), time.process_time(), _children_cpu()
                 summary = await run_rollouts([task], client, pool, config, progress=False)
                 elapsed = time.perf_counter() - start
-        assert summary.ran == n and summary.exit_reasons == {"agent": n}, summary
-        return elapsed
+                cpu[n] = {
+                    "runner_cpu_s": time.process_time() - cpu_start,
+                    "sandbox_processes_cpu_s": _children_cpu() - children_start,
+                }
+            assert summary.ran == n and summary.exit_reasons == {"agent": n}, summary
+            return elapsed
 
-    single = asyncio.run(run(1, f"{workdir}/one.jsonl"))
-    many = asyncio.run(run(episodes, f"{workdir}/many.jsonl"))
+        single = asyncio.run(run(1, f"{workdir}/one.jsonl"))
+        many = asyncio.run(run(episodes, f"{workdir}/many.jsonl"))
+    finally:
+        server.kill()
     speedup = episodes * single / many
     return {
         "episodes": episodes,
@@ -65,7 +93,13 @@ def concurrency_part(episodes: int, steps: int, delay: float) -> dict:
         f"{episodes}_episodes_s": many,
         "speedup": speedup,
         "fraction_of_ideal": speedup / episodes,
+        f"cpu_during_{episodes}_episodes": cpu[episodes],
     }
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def overhead_part(calls: int) -> dict:
@@ -95,7 +129,11 @@ def main():
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--delay", type=float, default=0.05)
     parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--serve_stub", metavar="URL_FILE", help=argparse.SUPPRESS)
     cli = parser.parse_args()
+    if cli.serve_stub:
+        stub_server(cli.steps, cli.delay, cli.serve_stub)
+        return
     results = {
         "cpus": os.cpu_count(),
         "concurrency": concurrency_part(cli.episodes, cli.steps, cli.delay),

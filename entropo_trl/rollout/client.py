@@ -26,10 +26,12 @@ import json
 import math
 import os
 import random
+import ssl
 import time
 from dataclasses import dataclass
 from typing import Any
 
+import certifi
 import httpx
 
 __all__ = [
@@ -191,25 +193,48 @@ class ChatClient:
         self.max_concurrency = max_concurrency
         self.usage: dict[str, int] = {"prompt_tokens": 0, "completion_tokens": 0, "requests": 0, "retries": 0}
         self._semaphore = asyncio.Semaphore(max_concurrency) if max_concurrency is not None else None
-        self._client: httpx.AsyncClient | None = None
+        self._clients: list[httpx.AsyncClient] = []
+        self._in_flight = [0] * self.POOLS
+        self._ssl_context: ssl.SSLContext | None = None
+
+    # httpcore's connection pool scans every connection (with a socket poll each) on each request start and end, so
+    # its cost grows with the square of the connections in flight; small pools, used round-robin, keep it flat.
+    POOLS = 16
+    CONNECTIONS_PER_POOL = 2
 
     # -- lifecycle -------------------------------------------------------------------------------------------------
 
-    def _http(self) -> httpx.AsyncClient:
-        # created on first use, so that it binds to the running event loop
-        if self._client is None:
-            headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-            self._client = httpx.AsyncClient(
-                headers=headers,
-                timeout=httpx.Timeout(self.timeout),
-                limits=httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=None),
+    async def _post(self, payload: bytes, headers: dict[str, str]) -> httpx.Response:
+        # Pools are created on first use (so that they bind to the running event loop) and only when the existing ones
+        # are busy: a lone caller keeps reusing one warm connection.
+        idle = [i for i, n in enumerate(self._in_flight[: len(self._clients)]) if n < self.CONNECTIONS_PER_POOL]
+        if idle:
+            index = min(idle, key=self._in_flight.__getitem__)
+        elif len(self._clients) < self.POOLS:
+            if self._ssl_context is None:  # one SSL context for all pools (loading the CA bundle is slow)
+                self._ssl_context = ssl.create_default_context(cafile=certifi.where())
+            headers_all = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+            self._clients.append(
+                httpx.AsyncClient(
+                    headers=headers_all,
+                    timeout=httpx.Timeout(self.timeout),
+                    verify=self._ssl_context,
+                    limits=httpx.Limits(max_connections=None, max_keepalive_connections=None),
+                )
             )
-        return self._client
+            index = len(self._clients) - 1
+        else:
+            index = min(range(len(self._clients)), key=self._in_flight.__getitem__)
+        self._in_flight[index] += 1
+        try:
+            return await self._clients[index].post(self.url, content=payload, headers=headers)
+        finally:
+            self._in_flight[index] -= 1
 
     async def aclose(self) -> None:
         """Close the underlying HTTP connections (the client can be used again afterwards)."""
-        if self._client is not None:
-            client, self._client = self._client, None
+        clients, self._clients = self._clients, []
+        for client in clients:
             await client.aclose()
 
     async def __aenter__(self) -> ChatClient:
@@ -266,7 +291,6 @@ class ChatClient:
         body = self._request_body(messages, sampling, prompt_tokens_hint)
         payload = json.dumps(body).encode()
         headers = {"Content-Type": "application/json"}
-        client = self._http()
         attempt = 0
         while True:
             response: httpx.Response | None = None
@@ -276,9 +300,9 @@ class ChatClient:
                 if self._semaphore is not None:
                     async with self._semaphore:
                         start = time.perf_counter()
-                        response = await client.post(self.url, content=payload, headers=headers)
+                        response = await self._post(payload, headers)
                 else:
-                    response = await client.post(self.url, content=payload, headers=headers)
+                    response = await self._post(payload, headers)
             except httpx.TransportError as error:  # connection refused/reset, timeouts, protocol errors
                 failure = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
             else:

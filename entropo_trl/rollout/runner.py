@@ -13,8 +13,10 @@ the episodes already there; episodes that were in flight when the process died a
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,13 +78,24 @@ def episode_id(task: Task, source: str, sample: int) -> str:
     return f"{task.instance_id}/{source}/{sample}"
 
 
+async def _blocking(executor: ThreadPoolExecutor | None, fn, *args):
+    """Run blocking sandbox / tool work off the event loop (asyncio's default pool has only cpu_count + 4 threads,
+    which would serialise 32 concurrent episodes)."""
+    return await asyncio.get_running_loop().run_in_executor(executor, functools.partial(fn, *args))
+
+
 async def run_episode(
-    task: Task, client: ChatClient, config: RolloutConfig, sample: int, sandbox_factory: Callable[[Task], Sandbox]
+    task: Task,
+    client: ChatClient,
+    config: RolloutConfig,
+    sample: int,
+    sandbox_factory: Callable[[Task], Sandbox],
+    executor: ThreadPoolExecutor | None = None,
 ) -> Trajectory:
     """One episode: the agent loop in a fresh sandbox, then the oracle's label."""
     source = config.source or client.model
     start = time.monotonic()
-    sandbox = await asyncio.to_thread(sandbox_factory, task)
+    sandbox = await _blocking(executor, sandbox_factory, task)
     messages: list[dict[str, Any]] = [
         {"role": "system", "content": SYSTEM_PROMPT},
         {"role": "user", "content": instance_prompt(task.problem_statement, sandbox.workdir, config.max_steps)},
@@ -104,7 +117,7 @@ async def run_episode(
             usage["completion_tokens"] += completion.completion_tokens
             messages.append({"role": "assistant", "content": completion.text})
             action = parse_action(completion.text)
-            result = await asyncio.to_thread(execute, action, sandbox, state, config.tool_timeout)
+            result = await _blocking(executor, execute, action, sandbox, state, config.tool_timeout)
             if result.done:
                 exit_reason, finished = "agent", True
                 break
@@ -114,9 +127,9 @@ async def run_episode(
             if time.monotonic() - start > config.max_episode_seconds:
                 exit_reason = "traj_time_limit"
                 break
-        patch = await asyncio.to_thread(sandbox.diff)
+        patch = await _blocking(executor, sandbox.diff)
     finally:
-        await asyncio.to_thread(sandbox.close)
+        await _blocking(executor, sandbox.close)
     trajectory = Trajectory(
         instance_id=task.instance_id,
         messages=messages,
@@ -130,7 +143,7 @@ async def run_episode(
         metadata={"sample": sample, "seconds": round(time.monotonic() - start, 3), **usage},
     )
     if config.oracle and (task.FAIL_TO_PASS or task.PASS_TO_PASS):
-        result = await asyncio.to_thread(evaluate_patch, task, patch, sandbox_factory, config.oracle_timeout)
+        result = await _blocking(executor, evaluate_patch, task, patch, sandbox_factory, config.oracle_timeout)
         trajectory.reward = result.reward
         trajectory.regression_pass_count = result.regression_pass_count
         trajectory.metadata["patch_applied"] = result.patch_applied
@@ -189,18 +202,19 @@ async def run_rollouts(
 
         bar = tqdm(total=total, initial=total - len(todo), desc="rollouts", unit="episode")
     semaphore = asyncio.Semaphore(config.concurrency)
+    executor = ThreadPoolExecutor(max_workers=config.concurrency + 4, thread_name_prefix="entropo-rollout")
     write_lock = asyncio.Lock()
 
     async def one(task: Task, sample: int) -> None:
         async with semaphore:
             try:
-                trajectory = await run_episode(task, client, config, sample, factory)
+                trajectory = await run_episode(task, client, config, sample, factory, executor)
             except Exception:  # noqa: BLE001 - one broken episode must not stop the pool; it is retried on restart
                 logger.exception(f"episode {episode_id(task, source, sample)} failed")
                 summary.errors += 1
                 return
         async with write_lock:
-            await asyncio.to_thread(write_trajectories, pool, [trajectory])
+            await _blocking(executor, write_trajectories, pool, [trajectory])
             summary.ran += 1
             summary.passed += trajectory.passed
             summary.exit_reasons[trajectory.exit_reason] = summary.exit_reasons.get(trajectory.exit_reason, 0) + 1
@@ -211,6 +225,7 @@ async def run_rollouts(
     try:
         await asyncio.gather(*(one(task, sample) for task, sample in todo))
     finally:
+        executor.shutdown(wait=False, cancel_futures=True)
         if bar is not None:
             bar.close()
     return summary
