@@ -12,7 +12,8 @@ that holds one line at a time. Three layouts are understood, detected from a fil
 - `"swesmith"`: SWE-smith / SWE-agent fine-tuning files, `{"instance_id", "messages"}`.
 
 Bad input never disappears: a malformed line raises [`TrajectoryFormatError`] naming the file, the line and the
-field, or, with `on_error="skip"`, is counted by reason in a [`ReadStats`] and reported when the file is done.
+field, or, with `on_error="skip"`, is counted by reason in a [`ReadStats`] and reported when the file is done. An
+unfinished last line (an append cut short by a killed writer, so never a record) is skipped, counted and reported.
 """
 
 from __future__ import annotations
@@ -525,14 +526,19 @@ def read_trajectories(
                 if not raw.strip():
                     continue
                 try:
-                    if not raw.endswith(b"\n") and handle.read(1) == b"":
-                        # the last line has no newline: complete JSON is accepted, a cut one is a killed writer's
-                        try:
-                            json.loads(raw)
-                        except (json.JSONDecodeError, UnicodeDecodeError):
-                            raise TrajectoryFormatError(
-                                "truncated last line (the writer was killed mid-record?)", reason="truncated last line"
-                            ) from None
+                    if not raw.endswith(b"\n") and handle.read(1) == b"" and not _is_json(raw):
+                        # A record is committed by its final newline. A cut last line is an append that a killed
+                        # writer never finished (the kernel may stop a large write part-way on SIGKILL): it is not a
+                        # record, so it is skipped in both modes, counted and logged; the next append cuts it off.
+                        stats.skip(
+                            TrajectoryFormatError(
+                                "truncated last line: an unfinished append (writer killed mid-record), not a record",
+                                path=path,
+                                line=line_number,
+                                reason="truncated last line",
+                            )
+                        )
+                        continue
                     trajectory, detected = _parse_line(
                         raw, file_format, keep_logs=keep_logs, default_reward=default_reward, source=source
                     )
@@ -552,9 +558,17 @@ def read_trajectories(
             logger.warning(f"{path}: skipped {stats.num_skipped - skipped_before} malformed lines; {stats.summary()}")
 
 
+def _is_json(raw: bytes) -> bool:
+    try:
+        json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return True
+
+
 def _repair_tail(path: Path) -> None:
-    """Cut a partial last line left by a writer killed mid-record (a crash below the process, e.g. power loss),
-    so the next record starts on a line of its own. The cut is logged, with its size."""
+    """Cut a partial last line left by a writer killed mid-record (SIGKILL can stop a large write part-way; so can a
+    crash below the process), so the next record starts on a line of its own. The cut is logged, with its size."""
     size = path.stat().st_size
     if size == 0:
         return
@@ -585,9 +599,9 @@ def write_trajectories(
     """Append records to a JSONL pool; returns how many were written.
 
     Each record is serialised completely first and written with a single `write` on a file opened in append mode, so
-    a killed writer leaves whole lines only, and concurrent appenders do not interleave. A partial last line found on
-    opening (left by a crash below the process) is cut first and logged. `fsync=True` also forces each record to
-    disk."""
+    concurrent appenders do not interleave, and a record counts only once its final newline is written: a writer
+    killed part-way through a large write leaves an unfinished last line, which readers skip (counted, logged) and the
+    next append cuts off before writing. `fsync=True` also forces each record to disk."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists():

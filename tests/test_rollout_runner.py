@@ -18,7 +18,7 @@ from entropo_trl.rollout.scaffold import Action
 from entropo_trl.rollout.serve import serve_scripted
 from entropo_trl.rollout.tasks import load_tasks, task_from_swebench
 from entropo_trl.rollout.toy import make_toy_tasks
-from entropo_trl.trajectory import read_trajectories
+from entropo_trl.trajectory import ReadStats, read_trajectories
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -161,10 +161,12 @@ def test_sigkill_and_restart_five_times_gives_exactly_the_pool(toy_tasks, tmp_pa
             os.kill(process.pid, signal.SIGKILL)
             process.wait()
             if pool.exists():
-                list(read_trajectories(pool, "entropo"))  # whole lines only, after every kill
+                list(read_trajectories(pool, "entropo"))  # whole records only (an unfinished append is skipped)
         final = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
         assert final.returncode == 0, final.stderr[-3000:]
-    trajectories = list(read_trajectories(pool))
+    stats = ReadStats()
+    trajectories = list(read_trajectories(pool, stats=stats))
+    assert stats.num_skipped == 0  # no torn line left
     ids = [t.episode_id for t in trajectories]
     assert len(ids) == len(set(ids)) == 3 * len(toy_tasks)
     assert all(t.reward == 1.0 for t in trajectories)

@@ -10,7 +10,6 @@ from .tasks import Task, load_local_tasks, load_swebench_tasks, load_tasks
 from .tools import ToolResult, ToolState, execute
 from .toy import make_toy_tasks
 
-
 __all__ = [
     "SYSTEM_PROMPT",
     "Action",

@@ -400,6 +400,7 @@ class _OpenAIHandler(BaseHTTPRequestHandler):
         # Headers and body go out in separate writes; without TCP_NODELAY, Nagle's algorithm and the client's delayed
         # ACK add ~40 ms to every keep-alive response.
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
     timeout = 120  # close idle keep-alive connections (clients such as httpx drop theirs after 5 s)
 
     def log_message(self, format, *args):  # noqa: A002 - the base class's signature
