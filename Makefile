@@ -47,6 +47,7 @@ lint: install
 bench: install
 	$(PY) bench/trainer_overhead.py
 	$(PY) bench/data_pool.py
+	$(PY) bench/rollout_concurrency.py
 
 demo:
 	@echo "make demo is not built yet (see the project's issues)." && exit 1

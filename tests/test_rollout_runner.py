@@ -202,3 +202,37 @@ def test_parse_pytest_statuses():
         "tests/a.py::test_y": "FAILED",
         "tests/a.py::test_z": "PASSED",
     }
+
+
+def test_cli_with_a_local_transformers_model(toy_tasks, tmp_path, tokenizer, tiny_model_dir):
+    """The CPU path of `entropo-rollout`: a tiny random model served with transformers drives real episodes (its
+    random text holds no valid call, so each step's observation says so) until the step limit."""
+    from entropo_trl.rollout.cli import main
+
+    tokenizer.save_pretrained(tiny_model_dir)
+    pool = tmp_path / "pool.jsonl"
+    main(
+        [
+            "--tasks",
+            str(Path(toy_tasks[0].repo_path).parents[1]),
+            "--limit",
+            "1",
+            "--pool",
+            str(pool),
+            "--serve_transformers",
+            str(tiny_model_dir),
+            "--max_steps",
+            "2",
+            "--max_tokens",
+            "8",
+            "--n",
+            "2",
+        ]
+    )
+    trajectories = list(read_trajectories(pool))
+    assert len(trajectories) == 2
+    for t in trajectories:
+        assert t.exit_reason == "max_step_limit" and not t.finished and t.reward == 0.0 and t.num_steps == 2
+        errors = ("No function call found", "missing its closing", "Unknown function", "has no name")
+        assert any(e in t.messages[3]["content"] for e in errors), t.messages[3]["content"]
+        assert t.metadata["completion_tokens"] > 0
