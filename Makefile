@@ -41,8 +41,8 @@ test-all: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: install
-	$(PY) -m ruff check entropo_trl tests bench data_prep
-	$(PY) -m ruff format --check entropo_trl tests bench data_prep
+	$(PY) -m ruff check entropo_trl tests bench data_prep recipes
+	$(PY) -m ruff format --check entropo_trl tests bench data_prep recipes
 
 bench: install
 	$(PY) bench/trainer_overhead.py

@@ -1,0 +1,330 @@
+"""Shared plumbing of the training recipes in `recipes/` (SFT, EntroPO-DPO, EntroPO-KTO, verifier, merge).
+
+Arguments come from, lowest to highest priority: the dataclasses' defaults, the model's recipe YAML
+(`recipes/<model-slug>/<stage>.yaml`, picked by `--model ID`, or any file given with `--config`), then command-line
+flags. Unknown YAML keys are errors (TRL's `TrlParser`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+STAGES = ("sft", "edpo", "ekto", "verifier")
+
+
+@dataclass
+class RecipeArguments:
+    """What a recipe trains on, beyond the trainer's and the model's own arguments."""
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Dataset: a Hub id, a folder written by `save_to_disk` / `entropo-data`, or a .json/.jsonl file."
+        },
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    dataset_test_split: str | None = field(default=None, metadata={"help": "Split to evaluate on (none: no eval)."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
+
+
+def model_slug(model_id: str) -> str:
+    """`Qwen/Qwen3-Coder-30B-A3B-Instruct` -> `qwen3-coder-30b-a3b-instruct` (the recipe folder name)."""
+    return re.sub(r"[^a-z0-9.]+", "-", model_id.rstrip("/").split("/")[-1].lower()).strip("-")
+
+
+def recipe_config(model_id: str, stage: str) -> Path | None:
+    """The recipe YAML of a model and stage, or None when the model has none (e.g. a local path)."""
+    path = RECIPES_DIR / model_slug(model_id) / f"{stage}.yaml"
+    return path if path.exists() else None
+
+
+def split_model_flag(argv: list[str]) -> tuple[str | None, list[str]]:
+    """Take `--model ID` / `--model=ID` out of argv."""
+    out, model, i = [], None, 0
+    while i < len(argv):
+        if argv[i] == "--model" and i + 1 < len(argv):
+            model, i = argv[i + 1], i + 2
+            continue
+        if argv[i].startswith("--model="):
+            model, i = argv[i].split("=", 1)[1], i + 1
+            continue
+        out.append(argv[i])
+        i += 1
+    return model, out
+
+
+def parse_recipe(stage: str, config_classes: tuple, argv: list[str] | None = None) -> tuple:
+    """Parse a recipe's arguments: `--model ID` picks `recipes/<slug>/<stage>.yaml` (unless `--config` is given)
+    and sets `model_name_or_path`; flags override the YAML."""
+    from trl import TrlParser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    model, argv = split_model_flag(argv)
+    if model is not None:
+        if "--config" not in argv and not any(a.startswith("--config=") for a in argv):
+            config = recipe_config(model, stage)
+            if config is not None:
+                argv = ["--config", str(config), *argv]
+        if "--model_name_or_path" not in argv:
+            argv += ["--model_name_or_path", model]
+    parser = TrlParser(config_classes)
+    return parser.parse_args_and_config(args=argv)
+
+
+def load_recipe_dataset(args: RecipeArguments):
+    """The train (and optional eval) split from a Hub id, a `save_to_disk` folder or a JSON / JSONL file."""
+    import datasets
+
+    if not args.dataset_name:
+        raise SystemExit("--dataset_name is required (a Hub id, a dataset folder or a .jsonl file)")
+    name = args.dataset_name
+    if os.path.isdir(name) and (Path(name) / "dataset_info.json").exists():
+        data = datasets.load_from_disk(name)
+        data = data if isinstance(data, datasets.DatasetDict) else datasets.DatasetDict({"train": data})
+    elif name.endswith((".json", ".jsonl")):
+        data = datasets.load_dataset("json", data_files={"train": name})
+    else:
+        data = datasets.load_dataset(name, args.dataset_config)
+    if args.dataset_train_split not in data:
+        raise SystemExit(f"{name} has no split {args.dataset_train_split!r} (splits: {list(data)})")
+    train = data[args.dataset_train_split]
+    if args.max_train_samples is not None:
+        train = train.select(range(min(args.max_train_samples, len(train))))
+    evaluation = data[args.dataset_test_split] if args.dataset_test_split else None
+    return train, evaluation
+
+
+def load_model_and_tokenizer(model_args, training_args):
+    """The policy and its tokenizer. 4-bit (QLoRA) loading needs a CUDA GPU: without one this says so and stops."""
+    import torch
+    from accelerate import PartialState
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import get_quantization_config
+
+    quantization_config = get_quantization_config(model_args)
+    if quantization_config is not None and not torch.cuda.is_available():
+        raise SystemExit(
+            "This recipe loads the model in 4-bit / 8-bit (QLoRA, bitsandbytes), which needs a CUDA GPU, and none is "
+            "visible. Run it on a GPU machine, or pass `--load_in_4bit false --load_in_8bit false` to train a "
+            "full-precision LoRA instead."
+        )
+    dtype = model_args.dtype if model_args.dtype in ("auto", None) else getattr(torch, model_args.dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_args.model_name_or_path,
+        revision=model_args.model_revision,
+        attn_implementation=model_args.attn_implementation,
+        dtype=dtype,
+        device_map={"": PartialState().local_process_index} if quantization_config is not None else None,
+        quantization_config=quantization_config,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+MODEL_CARD = """---
+base_model: {base_model}
+library_name: peft
+tags:
+- entropo
+- entropo-trl
+- {stage}
+- trl
+---
+
+# {name}
+
+{description} of [{base_model}](https://huggingface.co/{base_model}), trained with
+[entropo-trl](https://github.com/entropo-trl/entropo-trl) {version} on top of TRL {trl_version}.
+
+| setting | value |
+|---|---|
+| stage | {stage} |
+| base model | {base_model} |
+| alpha (α) | {alpha} |
+| beta (β) | {beta} |
+| data | {dataset} |
+| LoRA | {lora} |
+
+α is the absolute coefficient of the policy's log-probs (α = λ + β, λ the entropy-bonus weight); the paper's
+"α = 1.1" is α / β. Method: EntroPO, "Building Coding Agents via Entropy-Enhanced Multi-Turn Preference Optimization".
+"""
+
+DESCRIPTIONS = {
+    "sft": "Supervised fine-tuning (assistant turns only)",
+    "edpo": "EntroPO-DPO",
+    "ekto": "EntroPO-KTO",
+    "verifier": "A trajectory verifier (judgement YES / NO)",
+}
+
+
+def write_model_card(
+    output_dir: str,
+    *,
+    base_model: str,
+    stage: str,
+    dataset: str | None,
+    alpha: Any = None,
+    beta: Any = None,
+    lora: str = "",
+) -> Path:
+    """README.md next to the adapter: base model, stage, α, β, the data and the library."""
+    import trl
+
+    from . import __version__
+
+    path = Path(output_dir) / "README.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        MODEL_CARD.format(
+            base_model=base_model,
+            stage=stage,
+            name=Path(output_dir).name,
+            description=DESCRIPTIONS.get(stage, stage),
+            version=__version__,
+            trl_version=trl.__version__,
+            alpha="n/a" if alpha is None else alpha,
+            beta="n/a" if beta is None else beta,
+            dataset=dataset or "n/a",
+            lora=lora or "none",
+        )
+    )
+    return path
+
+
+def run_name(stage: str, model: str, alpha: Any = None, beta: Any = None) -> str:
+    """A W&B run name carrying the stage, the model, α and β."""
+    parts = [stage, model_slug(model)]
+    if beta is not None:
+        parts.append(f"b{beta:g}")
+    if alpha is not None:
+        parts.append(f"a{alpha:g}")
+    return "-".join(parts)
+
+
+def _assistant_only_sft(dataset, tokenizer, max_length: int | None):
+    """Tokenize conversational rows with assistant-only masks (DESIGN §3), so that TRL's SFT trains on assistant
+    turns only with any prefix-preserving chat template (TRL's own `assistant_only_loss` needs `{% generation %}`
+    templates)."""
+    from .multiturn import assistant_token_mask
+
+    def tokenize(row):
+        ids, mask = assistant_token_mask(tokenizer, row["messages"])
+        if max_length is not None and len(ids) > max_length:  # keep the end: the final turns hold the fix
+            ids, mask = ids[-max_length:], mask[-max_length:]
+        return {"input_ids": ids, "assistant_masks": mask}
+
+    return dataset.map(tokenize, remove_columns=dataset.column_names, desc="Tokenizing with assistant-only masks")
+
+
+def run_stage(stage: str, argv: list[str] | None = None):
+    """Parse, load, train and save one stage (`sft`, `edpo`, `ekto`, `verifier`); returns the trainer."""
+    from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config
+
+    from .dpo_config import EntroDPOConfig
+    from .dpo_trainer import EntroDPOTrainer
+    from .kto_config import EntroKTOConfig
+    from .kto_trainer import EntroKTOTrainer
+
+    config_class, trainer_class = {
+        "sft": (SFTConfig, SFTTrainer),
+        "verifier": (SFTConfig, SFTTrainer),
+        "edpo": (EntroDPOConfig, EntroDPOTrainer),
+        "ekto": (EntroKTOConfig, EntroKTOTrainer),
+    }[stage]
+    script_args, training_args, model_args = parse_recipe(stage, (RecipeArguments, config_class, ModelConfig), argv)
+    if model_args.model_name_or_path is None:
+        raise SystemExit("give the model with --model ID (or --model_name_or_path PATH)")
+    alpha = getattr(training_args, "alpha", None)
+    beta = getattr(training_args, "beta", None)
+    if alpha is None and beta is not None:
+        alpha = beta
+    if training_args.run_name is None or training_args.run_name == training_args.output_dir:
+        training_args.run_name = run_name(stage, model_args.model_name_or_path, alpha, beta)
+    tags = [f"stage:{stage}", f"model:{model_slug(model_args.model_name_or_path)}"]
+    tags += [f"alpha:{alpha:g}"] if alpha is not None else []
+    tags += [f"beta:{beta:g}"] if beta is not None else []
+    user_tags = os.environ.get("WANDB_TAGS")  # W&B's own variable: the user's tags are kept, ours added
+    os.environ["WANDB_TAGS"] = ",".join(([user_tags] if user_tags else []) + tags)
+    model, tokenizer = load_model_and_tokenizer(model_args, training_args)
+    train, evaluation = load_recipe_dataset(script_args)
+    if stage in ("sft", "verifier") and "messages" in train.column_names:
+        training_args.assistant_only_loss = False  # the masks below do it, for any prefix-preserving template
+        train = _assistant_only_sft(train, tokenizer, training_args.max_length)
+        if evaluation is not None:
+            evaluation = _assistant_only_sft(evaluation, tokenizer, training_args.max_length)
+    trainer = trainer_class(
+        model=model,
+        args=training_args,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+    )
+    try:
+        trainer.train()
+    finally:
+        if user_tags is None:
+            os.environ.pop("WANDB_TAGS", None)
+        else:
+            os.environ["WANDB_TAGS"] = user_tags
+    trainer.save_model(training_args.output_dir)
+    lora = (
+        f"r={model_args.lora_r}, alpha={model_args.lora_alpha}, modules={model_args.lora_target_modules}"
+        if model_args.use_peft
+        else ""
+    )
+    write_model_card(
+        training_args.output_dir,
+        base_model=model_args.model_name_or_path,
+        stage=stage,
+        dataset=script_args.dataset_name,
+        alpha=alpha if stage in ("edpo", "ekto") else None,
+        beta=beta if stage in ("edpo", "ekto") else None,
+        lora=lora,
+    )
+    if training_args.push_to_hub:
+        trainer.push_to_hub(commit_message=f"entropo-trl {stage}")
+    return trainer
+
+
+@dataclass
+class MergeArguments:
+    adapter: str = field(default=None, metadata={"help": "Folder (or Hub id) of the LoRA adapter to merge."})
+    output_dir: str = field(default=None, metadata={"help": "Where to write the merged model."})
+    base_model: str | None = field(default=None, metadata={"help": "Base model (default: the adapter's own)."})
+    dtype: str = field(default="bfloat16", metadata={"help": "Weights dtype of the merged model."})
+    push_to_hub: bool = field(default=False, metadata={"help": "Push the merged weights to the Hub."})
+    hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository for --push_to_hub."})
+
+
+def merge_adapter(argv: list[str] | None = None) -> str:
+    """Merge a LoRA adapter into its base model, so the next stage starts from it (policy start and reference)."""
+    import torch
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import TrlParser
+
+    (args,) = TrlParser((MergeArguments,)).parse_args_and_config(args=argv)
+    if not args.adapter or not args.output_dir:
+        raise SystemExit("--adapter and --output_dir are required")
+    base = args.base_model or PeftConfig.from_pretrained(args.adapter).base_model_name_or_path
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, args.dtype))
+    merged = PeftModel.from_pretrained(model, args.adapter).merge_and_unload()
+    merged.save_pretrained(args.output_dir)
+    AutoTokenizer.from_pretrained(
+        args.adapter if (Path(args.adapter) / "tokenizer_config.json").exists() else base
+    ).save_pretrained(args.output_dir)
+    if args.push_to_hub:
+        if not args.hub_model_id:
+            raise SystemExit("--push_to_hub needs --hub_model_id")
+        merged.push_to_hub(args.hub_model_id)
+    return args.output_dir

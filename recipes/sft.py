@@ -1,0 +1,9 @@
+"""The sft stage: `accelerate launch recipes/sft.py --model MODEL_ID --dataset_name DATA [--flag value ...]`.
+
+`--model` picks `recipes/<model-slug>/sft.yaml` (override with `--config FILE`); any field can be set on the
+command line. See the README's "Training recipes" section."""
+
+from entropo_trl.recipes import run_stage
+
+if __name__ == "__main__":
+    run_stage("sft")
