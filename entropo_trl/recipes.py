@@ -75,7 +75,16 @@ def parse_recipe(stage: str, config_classes: tuple, argv: list[str] | None = Non
         if "--model_name_or_path" not in argv:
             argv += ["--model_name_or_path", model]
     parser = TrlParser(config_classes)
-    return parser.parse_args_and_config(args=argv)
+    try:
+        return parser.parse_args_and_config(args=argv)
+    except ValueError as error:
+        if "bf16" in str(error) or "fp16" in str(error):
+            raise SystemExit(
+                f"{error}\nThe recipe trains in bf16 (and the model recipes load 4-bit QLoRA weights), which needs a "
+                "CUDA GPU, and none is visible. Run it on a GPU machine; to try it on a CPU, pass `--bf16 false "
+                "--load_in_4bit false` and a small model."
+            ) from None
+        raise
 
 
 def load_recipe_dataset(args: RecipeArguments):
