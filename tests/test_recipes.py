@@ -268,30 +268,73 @@ def test_the_real_qlora_recipe_on_a_cpu_machine_says_it_needs_a_gpu(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible")
     with pytest.raises(SystemExit, match="needs a CUDA GPU"):
-        run_stage("ekto", ["--model", "Qwen/Qwen3-Coder-30B-A3B-Instruct", "--dataset_name", "data.jsonl",
-                           "--output_dir", str(tmp_path)])
+        run_stage(
+            "ekto",
+            [
+                "--model",
+                "Qwen/Qwen3-Coder-30B-A3B-Instruct",
+                "--dataset_name",
+                "data.jsonl",
+                "--output_dir",
+                str(tmp_path),
+            ],
+        )
     # with bf16 switched off it gets to the 4-bit loading, and stops there (before any download)
     with pytest.raises(SystemExit, match="4-bit / 8-bit \\(QLoRA, bitsandbytes\\), which needs a CUDA GPU"):
-        run_stage("ekto", ["--model", "Qwen/Qwen3-Coder-30B-A3B-Instruct", "--dataset_name", "data.jsonl",
-                           "--output_dir", str(tmp_path), "--bf16", "false"])
+        run_stage(
+            "ekto",
+            [
+                "--model",
+                "Qwen/Qwen3-Coder-30B-A3B-Instruct",
+                "--dataset_name",
+                "data.jsonl",
+                "--output_dir",
+                str(tmp_path),
+                "--bf16",
+                "false",
+            ],
+        )
 
 
 def test_merge_pushes_the_merged_weights(recipe_data, tmp_path, monkeypatch):
     import huggingface_hub
 
     calls = []
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo",
-                        lambda self, repo_id, **kw: calls.append(("create_repo", repo_id))
-                        or huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}"))
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_commit",
-                        lambda self, repo_id, operations, **kw: calls.append(
-                            ("create_commit", repo_id, sorted(op.path_in_repo for op in operations))))
-    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder",
-                        lambda self, *, repo_id, folder_path, **kw: calls.append(
-                            ("upload_folder", repo_id, sorted(os.listdir(folder_path)))))
+    monkeypatch.setattr(
+        huggingface_hub.HfApi,
+        "create_repo",
+        lambda self, repo_id, **kw: (
+            calls.append(("create_repo", repo_id)) or huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
+        ),
+    )
+    monkeypatch.setattr(
+        huggingface_hub.HfApi,
+        "create_commit",
+        lambda self, repo_id, operations, **kw: calls.append(
+            ("create_commit", repo_id, sorted(op.path_in_repo for op in operations))
+        ),
+    )
+    monkeypatch.setattr(
+        huggingface_hub.HfApi,
+        "upload_folder",
+        lambda self, *, repo_id, folder_path, **kw: calls.append(
+            ("upload_folder", repo_id, sorted(os.listdir(folder_path)))
+        ),
+    )
     run_stage("sft", _common(recipe_data, "sft", tmp_path / "sft"))
-    merge_adapter(["--adapter", str(tmp_path / "sft"), "--output_dir", str(tmp_path / "merged"), "--dtype", "float32",
-                   "--push_to_hub", "--hub_model_id", "me/merged"])
+    merge_adapter(
+        [
+            "--adapter",
+            str(tmp_path / "sft"),
+            "--output_dir",
+            str(tmp_path / "merged"),
+            "--dtype",
+            "float32",
+            "--push_to_hub",
+            "--hub_model_id",
+            "me/merged",
+        ]
+    )
     pushed = [c for c in calls if c[0] in ("create_commit", "upload_folder")]
     assert pushed and pushed[0][1] == "me/merged" and any("model.safetensors" in f for f in pushed[0][2])
     with pytest.raises(SystemExit, match="--hub_model_id"):

@@ -106,6 +106,7 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     latency: float
+    logprobs: list[dict] | None = None  # `choices[0].logprobs.content` when the request asked for log-probs
 
 
 class ContextLimitExceeded(RuntimeError):
@@ -275,6 +276,7 @@ class ChatClient:
         sampling: SamplingParams | None = None,
         *,
         prompt_tokens_hint: int | None = None,
+        extra_body: dict[str, Any] | None = None,
     ) -> Completion:
         """Send one chat request and return the first choice.
 
@@ -282,6 +284,8 @@ class ChatClient:
             messages: OpenAI-style chat messages (`{"role": ..., "content": ...}`).
             sampling: sampling settings (default: `SamplingParams()`).
             prompt_tokens_hint: the prompt's token count if known (or a better estimate than characters / 3).
+            extra_body: more request fields, e.g. `{"logprobs": True, "top_logprobs": 20}` (then
+                `Completion.logprobs` holds the per-token entries).
 
         Raises:
             ContextLimitExceeded: the prompt leaves no room to generate, or the server says it is too long.
@@ -289,6 +293,8 @@ class ChatClient:
         """
         sampling = sampling if sampling is not None else SamplingParams()
         body = self._request_body(messages, sampling, prompt_tokens_hint)
+        if extra_body:
+            body.update(extra_body)
         payload = json.dumps(body).encode()
         headers = {"Content-Type": "application/json"}
         attempt = 0
@@ -339,6 +345,7 @@ class ChatClient:
             usage = data.get("usage") or {}
             prompt_tokens = int(usage.get("prompt_tokens") or 0)
             completion_tokens = int(usage.get("completion_tokens") or 0)
+            logprobs = (choice.get("logprobs") or {}).get("content")
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as error:
             raise LLMError(
                 f"malformed chat-completion response from {self.url} ({type(error).__name__}: {error}): "
@@ -349,4 +356,4 @@ class ChatClient:
         self.usage["prompt_tokens"] += prompt_tokens
         self.usage["completion_tokens"] += completion_tokens
         self.usage["requests"] += 1
-        return Completion(text, finish_reason, prompt_tokens, completion_tokens, latency)
+        return Completion(text, finish_reason, prompt_tokens, completion_tokens, latency, logprobs)

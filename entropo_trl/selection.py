@@ -1,0 +1,283 @@
+"""Test-time selection: verifier scores and the hybrid best-of-N selector (DESIGN §5).
+
+The hybrid selector applies stages in order to one instance's candidate trajectories:
+
+1. `finished`: keep those whose last turn called `finish` (not cut by a step or token limit);
+2. `regression`: keep those with the most passing regression tests (a maximum, so the set never empties);
+3. `reproduction`: keep those with the highest reproduction-test score;
+4. `verifier`: drop those whose verifier p(YES) is below a threshold (default 0.01);
+5. `steps`: the tie-break, most steps (SWE-bench Verified) or fewest (Lite).
+
+If a stage would empty the set, the set from before it is kept. Remaining ties go to the earliest candidate, so the
+choice is deterministic. Because every stage either filters (with that fallback) or keeps a maximum, the selector is
+the maximum of a lexicographic key: [`HybridSelector.rank`] gives every candidate a rank such that selecting from any
+subset is taking its highest-ranked member (what the best-of-N estimates in [`entropo_trl.metrics`] use).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .data import verifier_prompt
+from .trajectory import Trajectory
+
+STAGES = ("finished", "regression", "reproduction", "verifier", "steps")
+
+
+@dataclass
+class SelectorConfig:
+    """Which stages run, in which order, and their settings."""
+
+    stages: list[str] = field(default_factory=lambda: ["finished", "regression", "verifier", "steps"])
+    verifier_threshold: float = 0.01
+    verifier_inclusive: bool = False  # drop p < threshold (paper); True: drop p <= threshold (authors' code)
+    steps: str = "most"  # "most" or "fewest"
+    steps_measure: str = "num_steps"  # "num_steps" (assistant turns) or "messages" (history length, authors' code)
+
+    def __post_init__(self):
+        unknown = [s for s in self.stages if s not in STAGES]
+        if unknown:
+            raise ValueError(f"unknown selector stage(s) {unknown}; stages are {', '.join(STAGES)}")
+        if len(set(self.stages)) != len(self.stages):
+            raise ValueError(f"a stage is listed twice: {self.stages}")
+        if self.steps not in ("most", "fewest"):
+            raise ValueError(f"steps must be 'most' or 'fewest', got {self.steps!r}")
+        if self.steps_measure not in ("num_steps", "messages"):
+            raise ValueError(f"steps_measure must be 'num_steps' or 'messages', got {self.steps_measure!r}")
+        if not 0.0 <= self.verifier_threshold <= 1.0:
+            raise ValueError(f"verifier_threshold must be in [0, 1], got {self.verifier_threshold}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], where: str = "selector config") -> SelectorConfig:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(values) - known - {"preset"}
+        if unknown:
+            raise ValueError(f"{where}: unknown keys {sorted(unknown)} (known: {sorted(known | {'preset'})})")
+        if "preset" in values and values["preset"] not in PRESETS:
+            raise ValueError(f"{where}: unknown preset {values['preset']!r}; presets: {', '.join(PRESETS)}")
+        base = PRESETS[values["preset"]] if "preset" in values else cls()
+        stages = values.get("stages", base.stages)
+        if isinstance(stages, str):
+            stages = [s.strip() for s in stages.split(",") if s.strip()]
+        settings = {k: v for k, v in values.items() if k not in ("preset", "stages")}
+        return replace(base, **settings, stages=list(stages))
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> SelectorConfig:
+        import yaml
+
+        values = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: expected a mapping of selector settings")
+        return cls.from_dict(values, str(path))
+
+    def without(self, stage: str) -> SelectorConfig:
+        """The same selector with one stage removed (for ablations)."""
+        return replace(self, stages=[s for s in self.stages if s != stage])
+
+
+PRESETS = {
+    # the paper's hybrid selector (§5): finished -> regression -> verifier -> most / fewest steps
+    "paper-verified": SelectorConfig(["finished", "regression", "verifier", "steps"], steps="most"),
+    "paper-lite": SelectorConfig(["finished", "regression", "verifier", "steps"], steps="fewest"),
+    # the authors' released aggregation: adds the reproduction stage, drops p <= 0.01, counts history length
+    "authors-verified": SelectorConfig(
+        ["finished", "regression", "reproduction", "verifier", "steps"],
+        verifier_inclusive=True,
+        steps="most",
+        steps_measure="messages",
+    ),
+    "authors-lite": SelectorConfig(
+        ["finished", "regression", "reproduction", "verifier", "steps"],
+        verifier_inclusive=True,
+        steps="fewest",
+        steps_measure="messages",
+    ),
+}
+
+
+@dataclass
+class Selection:
+    """The chosen trajectory of one instance and how the stages narrowed the candidates."""
+
+    trajectory: Trajectory
+    index: int
+    trace: list[tuple[str, int, bool]]  # (stage, candidates left, fell back)
+
+
+class HybridSelector:
+    """The paper's hybrid best-of-N selector; see the module docstring."""
+
+    def __init__(self, config: SelectorConfig | str | None = None):
+        if isinstance(config, str):
+            if config not in PRESETS:
+                raise ValueError(f"unknown preset {config!r}; presets: {', '.join(PRESETS)}")
+            config = PRESETS[config]
+        self.config = config or PRESETS["paper-verified"]
+
+    # one key component per stage: larger is preferred
+    def _component(self, stage: str, t: Trajectory) -> float:
+        config = self.config
+        if stage == "finished":
+            return 1.0 if t.finished else 0.0
+        if stage == "regression":
+            return -math.inf if t.regression_pass_count is None else float(t.regression_pass_count)
+        if stage == "reproduction":
+            return -math.inf if t.reproduction_score is None else float(t.reproduction_score)
+        if stage == "verifier":
+            if t.verifier_prob is None:  # not scored: not dropped
+                return 1.0
+            keep = (
+                t.verifier_prob > config.verifier_threshold
+                if config.verifier_inclusive
+                else (t.verifier_prob >= config.verifier_threshold)
+            )
+            return 1.0 if keep else 0.0
+        size = t.num_steps if config.steps_measure == "num_steps" else len(t.messages)
+        return float(size if config.steps == "most" else -size)
+
+    def key(self, t: Trajectory, index: int) -> tuple:
+        return (*(self._component(stage, t) for stage in self.config.stages), -index)
+
+    def rank(self, trajectories: Sequence[Trajectory]) -> list[int]:
+        """Distinct ranks (0 = least preferred): the selector's choice from any subset is its highest-ranked member."""
+        order = sorted(range(len(trajectories)), key=lambda i: self.key(trajectories[i], i))
+        ranks = [0] * len(trajectories)
+        for position, i in enumerate(order):
+            ranks[i] = position
+        return ranks
+
+    def select(self, trajectories: Sequence[Trajectory]) -> Selection:
+        """Apply the stages one by one (with the fallback) and return the choice with its trace."""
+        if not trajectories:
+            raise ValueError("no candidate trajectories to select from")
+        candidates = list(range(len(trajectories)))
+        trace = []
+        for stage in self.config.stages:
+            values = {i: self._component(stage, trajectories[i]) for i in candidates}
+            if stage in ("finished", "verifier"):
+                kept = [i for i in candidates if values[i] > 0]
+            else:
+                best = max(values.values())
+                kept = [i for i in candidates if values[i] == best]
+            fell_back = not kept
+            candidates = candidates if fell_back else kept
+            trace.append((stage, len(candidates), fell_back))
+        chosen = min(candidates)  # remaining ties: the earliest candidate
+        return Selection(trajectories[chosen], chosen, trace)
+
+
+def select_pool(pool: dict[str, list[Trajectory]], selector: HybridSelector) -> dict[str, Selection]:
+    """One selection per instance."""
+    return {instance: selector.select(trajectories) for instance, trajectories in pool.items()}
+
+
+def group_by_instance(trajectories) -> dict[str, list[Trajectory]]:
+    pool: dict[str, list[Trajectory]] = {}
+    for t in trajectories:
+        pool.setdefault(t.instance_id, []).append(t)
+    return pool
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Verifier scores
+# --------------------------------------------------------------------------------------------------------------------
+
+JUDGEMENT_OPEN = "<judgement>"
+
+
+def judgement_probability(logprobs: list[dict]) -> float:
+    """p(YES) / (p(YES) + p(NO)) at the judgement token, from OpenAI-style `logprobs.content` entries
+    (`{"token", "logprob", "top_logprobs": [{"token", "logprob"}]}`): the first position whose top candidates include
+    YES or NO, after the text so far reaches `<judgement>` when it does."""
+    text, start = "", 0
+    for position, entry in enumerate(logprobs):
+        text += entry.get("token", "")
+        if text.rstrip().endswith(JUDGEMENT_OPEN):
+            start = position + 1
+            break
+    for entry in logprobs[start:]:
+        candidates = {c["token"].strip(): c["logprob"] for c in entry.get("top_logprobs") or []}
+        candidates.setdefault(entry.get("token", "").strip(), entry.get("logprob"))
+        yes, no = candidates.get("YES"), candidates.get("NO")
+        if yes is None and no is None:
+            continue
+        if no is None:
+            return 1.0
+        if yes is None:
+            return 0.0
+        return 1.0 / (1.0 + math.exp(no - yes))
+    raise ValueError("the verifier's answer has no YES / NO judgement token among its log-probs")
+
+
+async def score_with_endpoint(
+    trajectories: Sequence[Trajectory],
+    client,
+    *,
+    tokenizer=None,
+    max_tokens: int | None = 60_000,
+    concurrency: int = 16,
+    top_logprobs: int = 20,
+    assign: bool = True,
+) -> list[float | None]:
+    """Verifier p(YES) for each trajectory from an OpenAI-compatible endpoint (e.g. vLLM serving the verifier),
+    queried concurrently. Scores come back in the trajectories' order, each computed from its own response (never
+    by completion order). A trajectory whose prompt cannot fit, or whose answer has no judgement, scores None.
+    With `assign`, `trajectory.verifier_prob` is set."""
+    from .rollout.client import SamplingParams
+
+    semaphore = asyncio.Semaphore(concurrency)
+    sampling = SamplingParams(temperature=0.0, top_p=1.0, top_k=None, repetition_penalty=None, max_tokens=16)
+
+    async def one(trajectory: Trajectory) -> float | None:
+        try:
+            messages, _ = verifier_prompt(trajectory, tokenizer, max_tokens)
+        except ValueError:
+            return None
+        async with semaphore:
+            completion = await client.complete(
+                messages, sampling, extra_body={"logprobs": True, "top_logprobs": top_logprobs}
+            )
+        try:
+            return judgement_probability(completion.logprobs or [])
+        except ValueError:
+            return None
+
+    scores = await asyncio.gather(*(one(t) for t in trajectories))
+    if assign:
+        for trajectory, score in zip(trajectories, scores):
+            trajectory.verifier_prob = score
+    return list(scores)
+
+
+def score_with_model(
+    trajectories: Sequence[Trajectory], model, tokenizer, *, max_tokens: int | None = 60_000, assign: bool = True
+) -> list[float | None]:
+    """Verifier p(YES) from a local transformers model: the judge prompt, the generation prompt and `<judgement>`,
+    then one forward pass; p(YES) / (p(YES) + p(NO)) over the first tokens of "YES" and "NO"."""
+    import torch
+
+    yes = tokenizer("YES", add_special_tokens=False)["input_ids"][0]
+    no = tokenizer("NO", add_special_tokens=False)["input_ids"][0]
+    scores: list[float | None] = []
+    for trajectory in trajectories:
+        try:
+            messages, _ = verifier_prompt(trajectory, tokenizer, max_tokens)
+        except ValueError:
+            scores.append(None)
+            continue
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + JUDGEMENT_OPEN
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(model.device)
+        with torch.no_grad():
+            logits = model(ids).logits[0, -1].float()
+        pair = torch.log_softmax(logits, dim=-1)[[yes, no]]
+        scores.append(float(torch.softmax(pair, dim=-1)[0]))
+    if assign:
+        for trajectory, score in zip(trajectories, scores):
+            trajectory.verifier_prob = score
+    return scores
