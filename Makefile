@@ -41,13 +41,14 @@ test-all: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: install
-	$(PY) -m ruff check entropo_trl tests bench data_prep recipes
-	$(PY) -m ruff format --check entropo_trl tests bench data_prep recipes
+	$(PY) -m ruff check entropo_trl tests bench data_prep recipes eval
+	$(PY) -m ruff format --check entropo_trl tests bench data_prep recipes eval
 
 bench: install
 	$(PY) bench/trainer_overhead.py
 	$(PY) bench/data_pool.py
 	$(PY) bench/rollout_concurrency.py
+	$(PY) bench/selection.py
 
 demo:
 	@echo "make demo is not built yet (see the project's issues)." && exit 1

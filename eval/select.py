@@ -1,0 +1,100 @@
+"""Pick one trajectory per instance from a rollout pool with the hybrid selector (optionally scoring with a verifier
+first) and write the choices as a pool of their own.
+
+    python eval/select.py --pool pool.jsonl --preset paper-verified --output selected.jsonl
+    python eval/select.py --pool pool.jsonl --config selector.yaml --verifier_url http://127.0.0.1:8001/v1 \\
+        --verifier_model me/qwen3-coder-30b-verifier --output selected.jsonl
+    python eval/select.py --pool pool.jsonl --stages finished,regression,steps --steps fewest --output selected.jsonl
+
+Prints the resolve rate of the choices when the pool carries rewards, and how often each stage fell back.
+"""
+
+import os
+import sys
+
+# `python eval/select.py` puts eval/ first on sys.path, where this file would shadow the standard library's `select`
+# module (used by asyncio and subprocess): take that entry out before importing anything else.
+if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+from collections import Counter  # noqa: E402
+
+from entropo_trl.selection import (  # noqa: E402
+    PRESETS,
+    HybridSelector,
+    SelectorConfig,
+    group_by_instance,
+    score_with_endpoint,
+)
+from entropo_trl.trajectory import read_trajectories, write_trajectories  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pool", nargs="+", required=True, help="trajectory pool file(s)")
+    parser.add_argument("--output", required=True, help="JSONL of the chosen trajectories (one per instance)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="paper-verified")
+    parser.add_argument("--config", help="a YAML of selector settings (preset, stages, verifier_threshold, steps...)")
+    parser.add_argument("--stages", help="comma-separated stages in order, e.g. finished,regression,verifier,steps")
+    parser.add_argument("--drop_stage", action="append", default=[], help="remove a stage (ablation); repeatable")
+    parser.add_argument("--verifier_threshold", type=float)
+    parser.add_argument("--steps", choices=["most", "fewest"])
+    parser.add_argument("--verifier_url", help="OpenAI-compatible endpoint serving the verifier (scores first)")
+    parser.add_argument("--verifier_model", help="model name at --verifier_url")
+    parser.add_argument("--verifier_concurrency", type=int, default=16)
+    return parser
+
+
+def selector_from_args(args) -> HybridSelector:
+    values = {"preset": args.preset}
+    if args.config:
+        config = SelectorConfig.from_yaml(args.config)
+    else:
+        config = SelectorConfig.from_dict(values)
+    overrides = {
+        k: v
+        for k, v in (("stages", args.stages), ("verifier_threshold", args.verifier_threshold), ("steps", args.steps))
+        if v is not None
+    }
+    if overrides:
+        config = SelectorConfig.from_dict({**config.__dict__, **overrides})
+    for stage in args.drop_stage:
+        config = config.without(stage)
+    return HybridSelector(config)
+
+
+async def _score(trajectories, args):
+    from entropo_trl.rollout.client import ChatClient
+
+    async with ChatClient(args.verifier_url, args.verifier_model) as client:
+        return await score_with_endpoint(trajectories, client, concurrency=args.verifier_concurrency)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    selector = selector_from_args(args)
+    trajectories = list(read_trajectories(args.pool))
+    if args.verifier_url:
+        if not args.verifier_model:
+            raise SystemExit("--verifier_model is required with --verifier_url")
+        scores = asyncio.run(_score(trajectories, args))
+        print(f"verifier: scored {sum(s is not None for s in scores)} of {len(scores)} trajectories")
+    pool = group_by_instance(trajectories)
+    selections = {instance: selector.select(group) for instance, group in pool.items()}
+    write_trajectories(args.output, [s.trajectory for s in selections.values()])
+    fallbacks = Counter(stage for s in selections.values() for stage, _, fell in s.trace if fell)
+    resolved = sum(s.trajectory.passed for s in selections.values())
+    print(f"selector: {' -> '.join(selector.config.stages)} (steps: {selector.config.steps})")
+    print(
+        f"{len(selections)} instances, {len(trajectories)} trajectories; chosen resolve rate "
+        f"{resolved}/{len(selections)} = {resolved / max(1, len(selections)):.1%} (from the pool's rewards)"
+    )
+    print(f"stages that fell back: {dict(fallbacks) or 'none'}")
+    print(f"selected: {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

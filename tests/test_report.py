@@ -1,0 +1,83 @@
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from selection import synthetic_pool  # noqa: E402  (the benchmark's pool generator)
+
+from entropo_trl.trajectory import write_trajectories  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_report_builds_with_non_empty_figures(tmp_path):
+    paths = []
+    for k, alpha in enumerate(("0.10", "0.11", "0.13")):
+        pool = synthetic_pool(instances=12, per_instance=8, seed=k)
+        path = tmp_path / f"pool_{alpha}.jsonl"
+        write_trajectories(path, [t for group in pool.values() for t in group])
+        paths += ["--pool", f"alpha={alpha}:{path}"]
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "eval" / "report.py"),
+            *paths,
+            "--output",
+            str(tmp_path / "report"),
+            "--draws",
+            "200",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = (tmp_path / "report" / "report.md").read_text()
+    for figure in ("best_of_n.png", "alpha_sweep.png", "selector_ablation.png", "diversity.png"):
+        data = (tmp_path / "report" / figure).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, figure
+        assert f"]({figure})" in report
+    assert "| without verifier |" in report and "| inst-0 | 8 |" in report
+    assert report.count("| alpha=") >= 6  # curves table and diversity table, one row per pool each
+
+
+def test_select_cli_writes_one_choice_per_instance(tmp_path):
+    from test_selection import candidates
+
+    from entropo_trl.trajectory import read_trajectories
+
+    write_trajectories(tmp_path / "pool.jsonl", candidates())
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "eval" / "select.py"),
+            "--pool",
+            str(tmp_path / "pool.jsonl"),
+            "--output",
+            str(tmp_path / "sel.jsonl"),
+            "--preset",
+            "authors-verified",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    [chosen] = list(read_trajectories(tmp_path / "sel.jsonl"))
+    assert chosen.num_steps == 6 and "fell back: {'verifier': 1}" in result.stdout
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "eval" / "select.py"),
+            "--pool",
+            str(tmp_path / "pool.jsonl"),
+            "--output",
+            str(tmp_path / "sel2.jsonl"),
+            "--drop_stage",
+            "finished",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0 and list(read_trajectories(tmp_path / "sel2.jsonl"))[0].num_steps == 3
