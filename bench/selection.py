@@ -12,7 +12,7 @@ import json
 import random
 import time
 
-from entropo_trl.metrics import best_of_n_curve, pass_at_k, pool_diversity
+from entropo_trl.metrics import best_of_n_curve, oracle_rank, pass_at_k, pool_diversity
 from entropo_trl.selection import HybridSelector, select_pool
 from entropo_trl.trajectory import Trajectory
 
@@ -51,14 +51,6 @@ def synthetic_pool(instances=500, per_instance=16, seed=0):
             )
         pool[f"inst-{i}"] = group
     return pool
-
-
-def oracle_rank(trajectories):
-    order = sorted(range(len(trajectories)), key=lambda i: (trajectories[i].reward, -i))
-    ranks = [0] * len(trajectories)
-    for position, i in enumerate(order):
-        ranks[i] = position
-    return ranks
 
 
 def main():

@@ -366,3 +366,12 @@ def pool_diversity(pool: Pool) -> dict[str, float | None]:
         if entropy is not None:
             measures["mean_token_entropy"].append(entropy)
     return {key: float(np.mean(values)) if values else None for key, values in measures.items()}
+
+
+def oracle_rank(trajectories: Sequence[Trajectory]) -> list[int]:
+    """The oracle "selector": rank by reward (ties: the earliest first). Best-of-N with it is pass@N."""
+    order = sorted(range(len(trajectories)), key=lambda i: (trajectories[i].reward, -i))
+    ranks = [0] * len(trajectories)
+    for position, i in enumerate(order):
+        ranks[i] = position
+    return ranks

@@ -22,18 +22,9 @@ import argparse  # noqa: E402
 import re  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from entropo_trl.metrics import best_of_n_curve, pool_diversity  # noqa: E402
+from entropo_trl.metrics import best_of_n_curve, oracle_rank, pool_diversity  # noqa: E402
 from entropo_trl.selection import PRESETS, HybridSelector, group_by_instance  # noqa: E402
 from entropo_trl.trajectory import read_trajectories  # noqa: E402
-
-
-def oracle_rank(trajectories):
-    """Rank by reward (ties: the earliest): best-of-N with it is pass@N."""
-    order = sorted(range(len(trajectories)), key=lambda i: (trajectories[i].reward, -i))
-    ranks = [0] * len(trajectories)
-    for position, i in enumerate(order):
-        ranks[i] = position
-    return ranks
 
 
 def _alpha(label: str) -> float | None:
