@@ -273,16 +273,18 @@ class EntroKTOTrainer(KTOTrainer):
         inputs.pop("ref_KL_logps", None)
 
         metrics = self._metrics[mode]
-        sizes = {key: len(metrics[key]) for key in ("rewards/chosen", "rewards/rejected", "kl")}
+        # `.get`: indexing the defaultdict would leave an empty list that TRL then averages (division by zero) when
+        # a batch has no example of one class
+        sizes = {key: len(metrics.get(key, ())) for key in ("rewards/chosen", "rewards/rejected", "kl")}
         with swapped_attributes(self, beta=coefficient, precompute_ref_logps=True, calculate_KL=False):
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
         z0_value = z0.item()
         # TRL logged coefficient·(r − z0); shift back to the EntroPO reward coefficient·r.
         for key in ("rewards/chosen", "rewards/rejected"):
-            if len(metrics[key]) > sizes[key]:
+            if len(metrics.get(key, ())) > sizes[key]:
                 metrics[key][-1] += coefficient * z0_value
-        if len(metrics["kl"]) > sizes["kl"]:
+        if len(metrics.get("kl", ())) > sizes["kl"]:
             metrics["kl"][-1] = z0_value
         metrics["entropo/z0"].append(z0_value)
         metrics["entropo/alpha"].append(alpha)
