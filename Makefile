@@ -15,7 +15,6 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export WANDB_MODE := offline
-export TQDM_DISABLE := 1
 
 .PHONY: install test test-all lint bench demo clean
 
@@ -35,10 +34,10 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: install
-	$(PY) -m pytest -q -m "not slow and not gpu" $(PYTEST_ARGS)
+	TQDM_DISABLE=1 $(PY) -m pytest -q -m "not slow and not gpu" $(PYTEST_ARGS)
 
 test-all: install
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	TQDM_DISABLE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: install
 	$(PY) -m ruff check entropo_trl tests bench data_prep recipes eval
@@ -50,8 +49,8 @@ bench: install
 	$(PY) bench/rollout_concurrency.py
 	$(PY) bench/selection.py
 
-demo:
-	@echo "make demo is not built yet (see the project's issues)." && exit 1
+demo: install
+	$(PY) -m entropo_trl.demo --workdir demo_out
 
 clean:
 	rm -rf $(VENV) .pytest_cache build dist *.egg-info

@@ -27,7 +27,6 @@ import sys
 import time
 from pathlib import Path
 
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -72,17 +71,40 @@ def scripted_teacher(tasks):
         if step == 0:
             return Action("file_editor", {"command": "view", "path": path}, "Let me read the module.").to_text()
         if step == 1:
-            return Action("file_editor", {"command": "str_replace", "path": path, "old_str": fix["old"].rstrip("\n"),
-                                          "new_str": fix["new"].rstrip("\n")}, "This line is wrong; fix it.").to_text()
+            return Action(
+                "file_editor",
+                {
+                    "command": "str_replace",
+                    "path": path,
+                    "old_str": fix["old"].rstrip("\n"),
+                    "new_str": fix["new"].rstrip("\n"),
+                },
+                "This line is wrong; fix it.",
+            ).to_text()
         if step == 2:
-            return Action("execute_bash", {"cmd": "python -m pytest -q -p no:cacheprovider"}, "Run the tests.").to_text()
+            return Action(
+                "execute_bash", {"cmd": "python -m pytest -q -p no:cacheprovider"}, "Run the tests."
+            ).to_text()
         return Action("finish", {"command": "submit"}, "The tests pass.").to_text()
 
     return respond
 
 
-def run_demo(workdir: str | Path, n_tasks: int = 4, samples: int = 2, train_steps: int = 2) -> Path:
-    """Run (or resume) every stage under `workdir`; returns the report's path."""
+def run_demo(
+    workdir: str | Path,
+    n_tasks: int = 4,
+    samples: int = 2,
+    train_steps: int = 2,
+    *,
+    student: str | None = None,
+    teacher_url: str | None = None,
+    teacher_model: str | None = None,
+    tasks_file: str | None = None,
+    sandbox: str = "local",
+) -> Path:
+    """Run (or resume) every stage under `workdir`; returns the report's path. The keyword arguments swap in real
+    components: a student model (Hub id or folder), a teacher served at an OpenAI-compatible URL (e.g. vLLM), a
+    SWE-bench-format task file and Docker sandboxes."""
     from .testing import build_tiny_model, build_tiny_tokenizer
 
     workdir = Path(workdir).resolve()
@@ -91,8 +113,18 @@ def run_demo(workdir: str | Path, n_tasks: int = 4, samples: int = 2, train_step
     summary: dict = {}
 
     # 1. the student
-    model_dir = workdir / "student"
-    if _done(model_dir / ".done"):
+    model_dir = Path(student) if student and Path(student).exists() else workdir / "student"
+    if student and not Path(student).exists():  # a Hub id: download it once into the work folder
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if not _done(model_dir / ".done"):
+            AutoModelForCausalLM.from_pretrained(student).save_pretrained(model_dir)
+            AutoTokenizer.from_pretrained(student).save_pretrained(model_dir)
+            _mark(model_dir / ".done", {"from": student})
+        _say("1/6 student", f"{student} -> {model_dir}")
+    elif student:
+        _say("1/6 student", f"{model_dir}")
+    elif _done(model_dir / ".done"):
         _say("1/6 student", f"done before, {model_dir}")
     else:
         tokenizer = build_tiny_tokenizer("qwen3")
@@ -104,8 +136,14 @@ def run_demo(workdir: str | Path, n_tasks: int = 4, samples: int = 2, train_step
     # 2. tasks
     from .rollout.toy import make_toy_tasks
 
-    tasks = make_toy_tasks(workdir / "tasks", n=n_tasks)
-    _say("2/6 tasks", f"{len(tasks)} toy repositories with a planted bug -> {workdir / 'tasks'}")
+    if tasks_file:
+        from .rollout.tasks import load_tasks
+
+        tasks = load_tasks(tasks_file)[:n_tasks]
+        _say("2/6 tasks", f"{len(tasks)} tasks from {tasks_file}")
+    else:
+        tasks = make_toy_tasks(workdir / "tasks", n=n_tasks)
+        _say("2/6 tasks", f"{len(tasks)} toy repositories with a planted bug -> {workdir / 'tasks'}")
 
     # 3. rollouts
     from .rollout.client import ChatClient, SamplingParams
@@ -117,26 +155,43 @@ def run_demo(workdir: str | Path, n_tasks: int = 4, samples: int = 2, train_step
     if _done(workdir / "rollouts.done"):
         _say("3/6 rollouts", f"done before, {pool_path}")
     else:
+
         async def rollouts():
             results = {}
-            with serve_scripted(scripted_teacher(tasks), model_name="scripted-teacher") as teacher:
-                async with ChatClient(teacher.base_url, "scripted-teacher") as client:
+            if teacher_url:
+                async with ChatClient(teacher_url, teacher_model or "teacher") as client:
                     results["teacher"] = await run_rollouts(
-                        tasks, client, pool_path, RolloutConfig(n=samples, concurrency=4, max_steps=8))
+                        tasks, client, pool_path, RolloutConfig(n=samples, concurrency=4, sandbox=sandbox)
+                    )
+            else:
+                with serve_scripted(scripted_teacher(tasks), model_name="scripted-teacher") as teacher:
+                    async with ChatClient(teacher.base_url, "scripted-teacher") as client:
+                        results["teacher"] = await run_rollouts(
+                            tasks,
+                            client,
+                            pool_path,
+                            RolloutConfig(n=samples, concurrency=4, max_steps=8, sandbox=sandbox),
+                        )
             with serve_transformers(str(model_dir), model_name="tiny-student") as student:
                 async with ChatClient(student.base_url, "tiny-student", max_context_tokens=1_000_000) as client:
                     sampling = SamplingParams(max_tokens=24, temperature=1.0)
                     results["student"] = await run_rollouts(
-                        tasks, client, pool_path,
-                        RolloutConfig(n=samples, concurrency=2, max_steps=2, sampling=sampling))
+                        tasks,
+                        client,
+                        pool_path,
+                        RolloutConfig(n=samples, concurrency=2, max_steps=2, sampling=sampling, sandbox=sandbox),
+                    )
             return results
 
         results = asyncio.run(rollouts())
         _mark(workdir / "rollouts.done", {k: str(v) for k, v in results.items()})
         _say("3/6 rollouts", f"teacher: {results['teacher']}; student: {results['student']} -> {pool_path}")
     trajectories = list(read_trajectories(pool_path))
-    summary["pool"] = {"trajectories": len(trajectories), "passing": sum(t.passed for t in trajectories),
-                       "failing": sum(not t.passed for t in trajectories)}
+    summary["pool"] = {
+        "trajectories": len(trajectories),
+        "passing": sum(t.passed for t in trajectories),
+        "failing": sum(not t.passed for t in trajectories),
+    }
 
     # 4. datasets
     from .data import build_dpo_pairs, build_kto_rows, build_sft_rows, build_verifier_rows
@@ -166,10 +221,31 @@ def run_demo(workdir: str | Path, n_tasks: int = 4, samples: int = 2, train_step
     from .recipes import merge_adapter, run_stage
 
     train_dir = workdir / "train"
-    common = ["--max_steps", str(train_steps), "--per_device_train_batch_size", "2", "--bf16", "false", "--use_peft",
-              "--lora_target_modules", "all-linear", "--report_to", "none", "--learning_rate", "0.01",
-              "--gradient_checkpointing", "false", "--save_strategy", "no", "--logging_steps", "1",
-              "--max_length", "4096", "--disable_tqdm", "false"]
+    common = [
+        "--max_steps",
+        str(train_steps),
+        "--per_device_train_batch_size",
+        "2",
+        "--bf16",
+        "false",
+        "--use_peft",
+        "--lora_target_modules",
+        "all-linear",
+        "--report_to",
+        "none",
+        "--learning_rate",
+        "0.01",
+        "--gradient_checkpointing",
+        "false",
+        "--save_strategy",
+        "no",
+        "--logging_steps",
+        "1",
+        "--max_length",
+        "4096",
+        "--disable_tqdm",
+        "false",
+    ]
     steps = {}
     for stage, model, data, extra in (
         ("sft", model_dir, "sft", []),
@@ -184,13 +260,32 @@ def run_demo(workdir: str | Path, n_tasks: int = 4, samples: int = 2, train_step
             steps[stage] = json.loads(marker.read_text()).get("steps")
             continue
         if stage == "merge":
-            merge_adapter(["--adapter", str(train_dir / "sft"), "--output_dir", str(train_dir / "sft-merged"),
-                           "--dtype", "float32"])
+            merge_adapter(
+                [
+                    "--adapter",
+                    str(train_dir / "sft"),
+                    "--output_dir",
+                    str(train_dir / "sft-merged"),
+                    "--dtype",
+                    "float32",
+                ]
+            )
             _mark(marker)
             _say("5/6 merge", f"SFT adapter merged into the student -> {train_dir / 'sft-merged'}")
             continue
-        trainer = run_stage(stage, ["--model", str(model), "--dataset_name", str(data_dir / f"{data}.jsonl"),
-                                    "--output_dir", str(train_dir / stage), *common, *extra])
+        trainer = run_stage(
+            stage,
+            [
+                "--model",
+                str(model),
+                "--dataset_name",
+                str(data_dir / f"{data}.jsonl"),
+                "--output_dir",
+                str(train_dir / stage),
+                *common,
+                *extra,
+            ],
+        )
         steps[stage] = trainer.state.global_step
         _mark(marker, {"steps": trainer.state.global_step})
         _say(f"5/6 train {stage}", f"{trainer.state.global_step} steps -> {train_dir / stage}")
@@ -205,16 +300,21 @@ def run_demo(workdir: str | Path, n_tasks: int = 4, samples: int = 2, train_step
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     verifier = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), str(train_dir / "verifier")).eval()
+        AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), str(train_dir / "verifier")
+    ).eval()
     score_with_model(trajectories, verifier, tokenizer, max_tokens=None)
     pool = group_by_instance(trajectories)
     selector = HybridSelector("paper-verified")
     chosen = {instance: selector.select(group).trajectory for instance, group in pool.items()}
-    summary["selection"] = {i: {"chosen": t.episode_id, "reward": t.reward, "verifier_prob": round(t.verifier_prob, 4)}
-                            for i, t in chosen.items()}
+    summary["selection"] = {
+        i: {"chosen": t.episode_id, "reward": t.reward, "verifier_prob": round(t.verifier_prob, 4)}
+        for i, t in chosen.items()
+    }
     from importlib import util
 
-    spec = util.spec_from_file_location("entropo_report", Path(__file__).resolve().parent.parent / "eval" / "report.py")
+    spec = util.spec_from_file_location(
+        "entropo_report", Path(__file__).resolve().parent.parent / "eval" / "report.py"
+    )
     if spec is None or not Path(spec.origin).exists():
         raise SystemExit("eval/report.py not found: run the demo from a checkout of entropo-trl")
     report_module = util.module_from_spec(spec)
@@ -223,12 +323,14 @@ def run_demo(workdir: str | Path, n_tasks: int = 4, samples: int = 2, train_step
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     _say("6/6 select + report", f"verifier scores, hybrid selection, report -> {report}")
     resolved = sum(t.passed for t in chosen.values())
-    print(f"\n[demo] finished in {time.perf_counter() - started:.0f} s\n"
-          f"  pool: {summary['pool']['trajectories']} trajectories ({summary['pool']['passing']} passing, "
-          f"{summary['pool']['failing']} failing)\n"
-          f"  training steps: {steps}\n"
-          f"  selected: {resolved}/{len(chosen)} instances resolved\n"
-          f"  report: {report}\n  summary: {workdir / 'summary.json'}")
+    print(
+        f"\n[demo] finished in {time.perf_counter() - started:.0f} s\n"
+        f"  pool: {summary['pool']['trajectories']} trajectories ({summary['pool']['passing']} passing, "
+        f"{summary['pool']['failing']} failing)\n"
+        f"  training steps: {steps}\n"
+        f"  selected: {resolved}/{len(chosen)} instances resolved\n"
+        f"  report: {report}\n  summary: {workdir / 'summary.json'}"
+    )
     return report
 
 
@@ -238,8 +340,28 @@ def main(argv=None) -> int:
     parser.add_argument("--tasks", type=int, default=4)
     parser.add_argument("--samples", type=int, default=2, help="rollouts per task and per policy")
     parser.add_argument("--steps", type=int, default=2, help="optimisation steps per training stage")
+    parser.add_argument("--student", help="a real student model: Hub id or folder (default: the tiny random one)")
+    parser.add_argument("--teacher_url", help="a real teacher: OpenAI-compatible URL, e.g. a vLLM server's /v1")
+    parser.add_argument("--teacher_model", help="the teacher's model name at --teacher_url")
+    parser.add_argument("--tasks_file", help="SWE-bench-format instances (JSON / JSONL) instead of the toy tasks")
+    parser.add_argument(
+        "--sandbox",
+        choices=["local", "docker"],
+        default="local",
+        help="docker: one container per episode from each instance's image",
+    )
     args = parser.parse_args(argv)
-    run_demo(args.workdir, args.tasks, args.samples, args.steps)
+    run_demo(
+        args.workdir,
+        args.tasks,
+        args.samples,
+        args.steps,
+        student=args.student,
+        teacher_url=args.teacher_url,
+        teacher_model=args.teacher_model,
+        tasks_file=args.tasks_file,
+        sandbox=args.sandbox,
+    )
     return 0
 
 

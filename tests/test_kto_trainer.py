@@ -340,8 +340,13 @@ def test_batches_of_one_class_log_without_error(tiny_model_dir, tokenizer, tmp_p
     average it: division by zero at logging)."""
     rows = [dict(r, label=True) for r in multi_turn_kto_rows(4)]
     args = EntroKTOConfig(**training_kwargs(tmp_path, alpha=0.11, max_steps=2, per_device_train_batch_size=2))
-    trainer = EntroKTOTrainer(model=perturbed(load_model(tiny_model_dir)), ref_model=load_model(tiny_model_dir),
-                              args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    trainer = EntroKTOTrainer(
+        model=perturbed(load_model(tiny_model_dir)),
+        ref_model=load_model(tiny_model_dir),
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+    )
     trainer.train()
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert logged and all("rewards/rejected" not in entry for entry in logged)

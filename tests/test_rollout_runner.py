@@ -127,8 +127,13 @@ def test_rerun_skips_finished_episodes(toy_tasks, tmp_path):
     assert second.ran == 0 and second.skipped == 6
     third = _run(toy_tasks, quitter, pool, n=3, max_steps=2)
     assert third.ran == 3
-    ids = [t.episode_id for t in read_trajectories(pool)]
+    trajectories = list(read_trajectories(pool))
+    ids = [t.episode_id for t in trajectories]
     assert len(ids) == len(set(ids)) == 9
+    # every episode ran in its own temporary checkout, but is recorded under /testbed: same task, same prompt
+    for task in toy_tasks:
+        prompts = {json.dumps(t.prompt) for t in trajectories if t.instance_id == task.instance_id}
+        assert len(prompts) == 1 and "/testbed" in next(iter(prompts))
 
 
 def test_sigkill_and_restart_five_times_gives_exactly_the_pool(toy_tasks, tmp_path):

@@ -49,6 +49,8 @@ class RolloutConfig:
     sandbox: str = "local"  # "local" or "docker"
     oracle: bool = True  # label each trajectory by running its tests
     oracle_timeout: float = 900.0
+    # the repository path written into recorded trajectories in place of the sandbox's own (None: keep it)
+    record_workdir: str | None = "/testbed"
 
     def __post_init__(self):
         if self.n < 1 or self.concurrency < 1 or self.max_steps < 1:
@@ -130,6 +132,10 @@ async def run_episode(
         patch = await _blocking(executor, sandbox.diff)
     finally:
         await _blocking(executor, sandbox.close)
+    if config.record_workdir and sandbox.workdir != config.record_workdir:
+        # A local sandbox lives in a fresh temporary folder per episode; recorded under one stable name (as the Docker
+        # images' /testbed), episodes of the same task share their prompt exactly, which preference pairs need.
+        messages = [{**m, "content": m["content"].replace(sandbox.workdir, config.record_workdir)} for m in messages]
     trajectory = Trajectory(
         instance_id=task.instance_id,
         messages=messages,
@@ -140,7 +146,12 @@ async def run_episode(
         num_steps=sum(m["role"] == "assistant" for m in messages),
         source=source,
         episode_id=episode_id(task, source, sample),
-        metadata={"sample": sample, "seconds": round(time.monotonic() - start, 3), **usage},
+        metadata={
+            "sample": sample,
+            "seconds": round(time.monotonic() - start, 3),
+            "workdir": sandbox.workdir,
+            **usage,
+        },
     )
     if config.oracle and (task.FAIL_TO_PASS or task.PASS_TO_PASS):
         result = await _blocking(executor, evaluate_patch, task, patch, sandbox_factory, config.oracle_timeout)
