@@ -98,6 +98,9 @@ def _split(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[d
 def _usable(trajectory: Trajectory, stats: BuildStats, finished_only: bool) -> bool:
     """Common filters, each skip counted: no action at all, or not finished (when required)."""
     stats.trajectories += 1
+    if trajectory.metadata.get("labelled") is False:
+        stats.skipped["unlabelled (no test oracle ran)"] += 1
+        return False
     _, completion = _split(trajectory.messages)
     if not any(m["role"] == "assistant" for m in completion):
         stats.skipped["no assistant turn"] += 1
@@ -361,13 +364,16 @@ def verifier_prompt(
             )
             sizes = {i: _length(tokenizer, messages[i]["content"]) for i in observations}
             condensed_cost = _length(tokenizer, CONDENSED)
-            for i in observations:
+            pending = list(observations)
+            while pending:  # condense by estimate, then measure; repeat while the measured text is still over
+                while pending and total > max_tokens:
+                    i = pending.pop(0)
+                    condensed.add(i)
+                    total -= sizes[i] - condensed_cost
+                text = _interaction_log(messages, trajectory.patch, condensed)
+                total = _length(tokenizer, text) + overhead
                 if total <= max_tokens:
                     break
-                condensed.add(i)
-                total -= sizes[i] - condensed_cost
-            text = _interaction_log(messages, trajectory.patch, condensed)
-            total = _length(tokenizer, text) + overhead
             if total > max_tokens:
                 raise TruncationError(
                     f"the judge prompt needs {total} tokens with every observation condensed (max_tokens={max_tokens})"

@@ -187,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(kto)
     verifier = commands.add_parser("verifier", help="verifier rows (judge conversations ending in a judgement)")
     common(verifier)
-    verifier.set_defaults(max_tokens=60_000)
+    # the verifier recipes train at max_length 32768: rows longer than that would be skipped there
+    verifier.set_defaults(max_tokens=32_768)
     export = commands.add_parser("sharegpt-export", help="builder rows (JSONL) to LLaMA-Factory ShareGPT")
     common(export, pool=False)
     export.add_argument("--name", help="also write dataset_info.json beside the output with this dataset name")

@@ -107,6 +107,11 @@ def run_demo(
     SWE-bench-format task file and Docker sandboxes."""
     from .testing import build_tiny_model, build_tiny_tokenizer
 
+    if tasks_file and not teacher_url:
+        raise SystemExit(
+            "--tasks_file needs a real teacher (--teacher_url): the scripted teacher only knows the fixes "
+            "of the toy tasks"
+        )
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -242,7 +247,7 @@ def run_demo(
         "--logging_steps",
         "1",
         "--max_length",
-        "4096",
+        "16384",
         "--disable_tqdm",
         "false",
     ]
@@ -257,7 +262,8 @@ def run_demo(
         marker = train_dir / f"{stage}.done"
         if _done(marker):
             _say(f"5/6 train {stage}", f"done before, {train_dir / stage}")
-            steps[stage] = json.loads(marker.read_text()).get("steps")
+            if stage != "merge":
+                steps[stage] = json.loads(marker.read_text()).get("steps")
             continue
         if stage == "merge":
             merge_adapter(

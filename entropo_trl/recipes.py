@@ -227,11 +227,24 @@ def _assistant_only_sft(dataset, tokenizer, max_length: int | None):
 
     def tokenize(row):
         ids, mask = assistant_token_mask(tokenizer, row["messages"])
-        if max_length is not None and len(ids) > max_length:  # keep the end: the final turns hold the fix
-            ids, mask = ids[-max_length:], mask[-max_length:]
         return {"input_ids": ids, "assistant_masks": mask}
 
-    return dataset.map(tokenize, remove_columns=dataset.column_names, desc="Tokenizing with assistant-only masks")
+    dataset = dataset.map(tokenize, remove_columns=dataset.column_names, desc="Tokenizing with assistant-only masks")
+    if max_length is None:
+        return dataset
+    # Cutting a row would drop its start (the system prompt and the issue) or its end (the answer): skip it, counted,
+    # and fit the data with `entropo-data ... --max_tokens` (trajectory-aware truncation) instead.
+    kept = dataset.filter(lambda row: len(row["input_ids"]) <= max_length, desc="Dropping over-long rows")
+    if len(kept) < len(dataset):
+        import logging
+
+        logging.getLogger(__name__).warning(
+            f"skipped {len(dataset) - len(kept)} of {len(dataset)} rows longer than max_length={max_length} tokens; "
+            "shorten them with `entropo-data ... --max_tokens` (keeps the issue and the final turns)"
+        )
+    if len(kept) == 0:
+        raise SystemExit(f"every row is longer than max_length={max_length} tokens")
+    return kept
 
 
 def run_stage(stage: str, argv: list[str] | None = None):
@@ -325,6 +338,8 @@ def merge_adapter(argv: list[str] | None = None) -> str:
     (args,) = TrlParser((MergeArguments,)).parse_args_and_config(args=argv)
     if not args.adapter or not args.output_dir:
         raise SystemExit("--adapter and --output_dir are required")
+    if args.push_to_hub and not args.hub_model_id:
+        raise SystemExit("--push_to_hub needs --hub_model_id")
     base = args.base_model or PeftConfig.from_pretrained(args.adapter).base_model_name_or_path
     model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, args.dtype))
     merged = PeftModel.from_pretrained(model, args.adapter).merge_and_unload()
@@ -332,8 +347,12 @@ def merge_adapter(argv: list[str] | None = None) -> str:
     AutoTokenizer.from_pretrained(
         args.adapter if (Path(args.adapter) / "tokenizer_config.json").exists() else base
     ).save_pretrained(args.output_dir)
-    if args.push_to_hub:
-        if not args.hub_model_id:
-            raise SystemExit("--push_to_hub needs --hub_model_id")
-        merged.push_to_hub(args.hub_model_id)
+    if args.push_to_hub:  # the whole folder: weights, config and tokenizer (the next stage loads all three)
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        api.create_repo(args.hub_model_id, exist_ok=True)
+        api.upload_folder(
+            repo_id=args.hub_model_id, folder_path=args.output_dir, commit_message="entropo-trl: merged LoRA adapter"
+        )
     return args.output_dir

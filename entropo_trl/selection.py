@@ -17,14 +17,19 @@ subset is taking its highest-ranked member (what the best-of-N estimates in [`en
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .data import verifier_prompt
 from .trajectory import Trajectory
+
+logger = logging.getLogger(__name__)
 
 STAGES = ("finished", "regression", "reproduction", "verifier", "steps")
 
@@ -49,6 +54,10 @@ class SelectorConfig:
             raise ValueError(f"steps must be 'most' or 'fewest', got {self.steps!r}")
         if self.steps_measure not in ("num_steps", "messages"):
             raise ValueError(f"steps_measure must be 'num_steps' or 'messages', got {self.steps_measure!r}")
+        try:
+            self.verifier_threshold = float(self.verifier_threshold)  # YAML reads `1e-2` as a string
+        except (TypeError, ValueError):
+            raise ValueError(f"verifier_threshold must be a number, got {self.verifier_threshold!r}") from None
         if not 0.0 <= self.verifier_threshold <= 1.0:
             raise ValueError(f"verifier_threshold must be in [0, 1], got {self.verifier_threshold}")
 
@@ -118,7 +127,8 @@ class HybridSelector:
             if config not in PRESETS:
                 raise ValueError(f"unknown preset {config!r}; presets: {', '.join(PRESETS)}")
             config = PRESETS[config]
-        self.config = config or PRESETS["paper-verified"]
+        self.config = replace(config or PRESETS["paper-verified"])  # a copy: the presets stay as they are
+        self.config.stages = list(self.config.stages)
 
     # one key component per stage: larger is preferred
     def _component(self, stage: str, t: Trajectory) -> float:
@@ -202,8 +212,17 @@ def judgement_probability(logprobs: list[dict]) -> float:
             start = position + 1
             break
     for entry in logprobs[start:]:
-        candidates = {c["token"].strip(): c["logprob"] for c in entry.get("top_logprobs") or []}
-        candidates.setdefault(entry.get("token", "").strip(), entry.get("logprob"))
+        # the same word can appear under several spellings ("YES", " YES"): their probabilities add up
+        candidates: dict[str, float] = {}
+        listed = list(entry.get("top_logprobs") or [])
+        if not any(c.get("token") == entry.get("token") for c in listed) and entry.get("logprob") is not None:
+            listed.append({"token": entry.get("token", ""), "logprob": entry["logprob"]})
+        for candidate in listed:
+            word = candidate["token"].strip()
+            if word in candidates:
+                candidates[word] = float(np.logaddexp(candidates[word], candidate["logprob"]))
+            else:
+                candidates[word] = candidate["logprob"]
         yes, no = candidates.get("YES"), candidates.get("NO")
         if yes is None and no is None:
             continue
@@ -229,7 +248,7 @@ async def score_with_endpoint(
     queried concurrently. Scores come back in the trajectories' order, each computed from its own response (never
     by completion order). A trajectory whose prompt cannot fit, or whose answer has no judgement, scores None.
     With `assign`, `trajectory.verifier_prob` is set."""
-    from .rollout.client import SamplingParams
+    from .rollout.client import ContextLimitExceeded, LLMError, SamplingParams
 
     semaphore = asyncio.Semaphore(concurrency)
     sampling = SamplingParams(temperature=0.0, top_p=1.0, top_k=None, repetition_penalty=None, max_tokens=16)
@@ -240,9 +259,13 @@ async def score_with_endpoint(
         except ValueError:
             return None
         async with semaphore:
-            completion = await client.complete(
-                messages, sampling, extra_body={"logprobs": True, "top_logprobs": top_logprobs}
-            )
+            try:
+                completion = await client.complete(
+                    messages, sampling, extra_body={"logprobs": True, "top_logprobs": top_logprobs}
+                )
+            except (ContextLimitExceeded, LLMError) as error:  # this trajectory only: the others keep their scores
+                logger.warning(f"verifier: no score for {trajectory.episode_id or trajectory.instance_id}: {error}")
+                return None
         try:
             return judgement_probability(completion.logprobs or [])
         except ValueError:

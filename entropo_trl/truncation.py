@@ -201,7 +201,7 @@ def truncate_trajectory(
             dropped.add(k)
             estimate -= unit_tokens[k]
         while True:
-            candidate = _without_units(out, units, dropped, unit_tokens)
+            candidate = _without_units(out, units, dropped, unit_tokens, prompt_end)
             total = count_tokens(tokenizer, candidate, tools)
             remaining = [k for k in order if k not in dropped]
             if total <= max_tokens or not remaining:
@@ -221,7 +221,7 @@ def truncate_trajectory(
     return out, report
 
 
-def _without_units(messages, units, dropped: set[int], unit_tokens) -> list[dict[str, Any]]:
+def _without_units(messages, units, dropped: set[int], unit_tokens, prompt_end: int) -> list[dict[str, Any]]:
     """`messages` without the dropped units; each gap gets a marker appended to the message before it."""
     drop_index = {j for k in dropped for j in range(*units[k])}
     out: list[dict[str, Any]] = []
@@ -235,7 +235,8 @@ def _without_units(messages, units, dropped: set[int], unit_tokens) -> list[dict
             continue
         if gap_turns:
             marker = TURNS_MARKER.format(turns=gap_turns, tokens=gap_tokens)
-            if out and out[-1]["role"] != "assistant":  # never into an assistant turn: those are training targets
+            # never into an assistant turn (a training target) nor into the prompt (the system prompt and the issue)
+            if out and out[-1]["role"] != "assistant" and len(out) > prompt_end:
                 out[-1] = {**out[-1], "content": (out[-1].get("content") or "") + "\n\n" + marker}
             else:
                 out.append({"role": "user", "content": marker})

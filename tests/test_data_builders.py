@@ -205,3 +205,26 @@ def test_sharegpt_import_of_authors_rows_and_errors():
             "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected"},
         }
     }
+
+
+def test_verifier_prompt_keeps_condensing_until_it_fits():
+    t = traj("V", 1.0, turns=3)
+    t.messages[3]["content"] = "x" * 102
+    t.messages[5]["content"] = "y" * 52
+    full, _ = verifier_prompt(t, None, max_tokens=None)
+    for budget in range(300, 420):
+        try:
+            messages, condensed = verifier_prompt(t, None, max_tokens=budget)
+        except Exception as error:  # only when condensing everything is not enough
+            all_condensed = traj("V", 1.0, turns=3)
+            all_condensed.messages[3]["content"] = all_condensed.messages[5]["content"] = CONDENSED
+            assert "every observation condensed" in str(error)
+            continue
+        assert (len(messages[1]["content"]) + 3) // 4 + (len(VERIFIER_SYSTEM_PROMPT) + 3) // 4 + 16 <= budget
+
+
+def test_unlabelled_trajectories_are_skipped_counted():
+    unlabelled = traj("U", 0.0, metadata={"labelled": False})
+    rows = build_kto_rows([unlabelled, traj("L", 1.0)])
+    assert [r["instance_id"] for r in rows] == ["L"]
+    assert rows.stats.skipped == {"unlabelled (no test oracle ran)": 1}

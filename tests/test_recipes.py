@@ -337,6 +337,7 @@ def test_merge_pushes_the_merged_weights(recipe_data, tmp_path, monkeypatch):
     )
     pushed = [c for c in calls if c[0] in ("create_commit", "upload_folder")]
     assert pushed and pushed[0][1] == "me/merged" and any("model.safetensors" in f for f in pushed[0][2])
+    assert "tokenizer_config.json" in pushed[0][2]  # the next stage loads the tokenizer from the same repo
     with pytest.raises(SystemExit, match="--hub_model_id"):
         merge_adapter(["--adapter", str(tmp_path / "sft"), "--output_dir", str(tmp_path / "m2"), "--push_to_hub"])
 

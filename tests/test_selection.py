@@ -198,3 +198,56 @@ def test_local_model_scores_are_probabilities(tokenizer, tiny_model_dir):
     trajectories = [traj("a", 1.0), traj("b", 0.0, turns=3)]
     scores = score_with_model(trajectories, model, tokenizer)
     assert all(0.0 < s < 1.0 for s in scores) and trajectories[0].verifier_prob == scores[0]
+
+
+def test_judgement_probability_adds_up_spellings():
+    import math
+
+    entries = [
+        {
+            "token": "YES",
+            "logprob": -0.05,
+            "top_logprobs": [
+                {"token": "YES", "logprob": -0.05},
+                {"token": "NO", "logprob": -3.0},
+                {"token": " YES", "logprob": -6.0},
+            ],
+        }
+    ]
+    yes = math.log(math.exp(-0.05) + math.exp(-6.0))
+    assert judgement_probability(entries) == pytest.approx(1 / (1 + math.exp(-3.0 - yes)))
+
+
+def test_a_failing_verifier_request_scores_none_and_the_others_keep_theirs():
+    from entropo_trl.rollout.client import ContextLimitExceeded, LLMError
+
+    class Client:
+        async def complete(self, messages, sampling, extra_body=None):
+            text = messages[1]["content"]
+            if "number 1." in text:
+                raise ContextLimitExceeded("too long")
+            if "number 2." in text:
+                raise LLMError("HTTP 500")
+            from entropo_trl.rollout.client import Completion
+
+            return Completion(
+                "<judgement>YES</judgement>",
+                "stop",
+                1,
+                1,
+                0.0,
+                [{"token": "YES", "logprob": -0.1, "top_logprobs": [{"token": "NO", "logprob": -2.4}]}],
+            )
+
+    trajectories = [traj(f"i{k}", 1.0, issue=f"Fix bug number {k}.") for k in range(4)]
+    scores = asyncio.run(score_with_endpoint(trajectories, Client()))
+    assert scores[1] is None and scores[2] is None and scores[0] == scores[3] == pytest.approx(0.9089, abs=1e-3)
+
+
+def test_yaml_numbers_written_as_strings_and_preset_copies(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("verifier_threshold: 1e-2\n")  # PyYAML reads this as a string
+    assert SelectorConfig.from_yaml(path).verifier_threshold == 0.01
+    selector = HybridSelector("paper-lite")
+    selector.config.stages.remove("verifier")
+    assert "verifier" in PRESETS["paper-lite"].stages

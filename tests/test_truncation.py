@@ -77,3 +77,14 @@ def test_real_trajectory_fits_and_keeps_its_end(tokenizer):
         assert out[:2] == messages[:2] and out[-1] == messages[-1]
         assert "<function=submit>" in out[-1]["content"]
         assert report.cut_tokens == total - count_tokens(tokenizer, out)
+
+
+def test_the_issue_is_never_changed_even_when_the_first_turn_goes(tokenizer):
+    messages = traj("T", 1.0, turns=4).messages
+    for budget in range(60, count_tokens(tokenizer, messages)):
+        try:
+            out, report = truncate_trajectory(messages, tokenizer, budget)
+        except TruncationError:
+            continue
+        assert out[:2] == messages[:2], budget  # system prompt and issue untouched
+        assert out[-1] == messages[-1] and count_tokens(tokenizer, out) <= budget

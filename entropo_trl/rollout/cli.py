@@ -66,7 +66,6 @@ async def _run(args, base_url: str, model: str):
         n=args.n,
         concurrency=args.concurrency,
         max_steps=args.max_steps,
-        max_context_tokens=args.max_context_tokens,
         max_tokens_per_call=args.max_tokens,
         tool_timeout=args.tool_timeout,
         max_episode_seconds=args.max_episode_seconds,

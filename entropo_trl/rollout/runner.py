@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +40,7 @@ class RolloutConfig:
     n: int = 1  # episodes per task
     concurrency: int = 8  # episodes in flight
     max_steps: int = 100  # assistant turns
-    max_context_tokens: int = 65_536
-    max_tokens_per_call: int = 16_384
+    max_tokens_per_call: int = 16_384  # caps `sampling.max_tokens` (the context limit is the client's)
     tool_timeout: float = 90.0  # seconds per tool call
     max_episode_seconds: float = 50_000.0
     sampling: SamplingParams = field(default_factory=SamplingParams)
@@ -103,11 +102,12 @@ async def run_episode(
         {"role": "user", "content": instance_prompt(task.problem_statement, sandbox.workdir, config.max_steps)},
     ]
     state, exit_reason, finished = ToolState(), "max_step_limit", False
+    sampling = replace(config.sampling, max_tokens=min(config.sampling.max_tokens, config.max_tokens_per_call))
     usage = {"prompt_tokens": 0, "completion_tokens": 0}
     try:
         for step in range(config.max_steps):
             try:
-                completion = await client.complete(messages, config.sampling)
+                completion = await client.complete(messages, sampling)
             except ContextLimitExceeded:
                 exit_reason = "token_limit"
                 break
@@ -153,7 +153,8 @@ async def run_episode(
             **usage,
         },
     )
-    if config.oracle and (task.FAIL_TO_PASS or task.PASS_TO_PASS):
+    trajectory.metadata["labelled"] = bool(config.oracle and (task.FAIL_TO_PASS or task.PASS_TO_PASS))
+    if trajectory.metadata["labelled"]:
         result = await _blocking(executor, evaluate_patch, task, patch, sandbox_factory, config.oracle_timeout)
         trajectory.reward = result.reward
         trajectory.regression_pass_count = result.regression_pass_count
