@@ -71,11 +71,13 @@ def concurrency_part(episodes: int, steps: int, delay: float) -> dict:
             async with ChatClient(base_url, "stub") as client:
                 config = RolloutConfig(n=n, concurrency=n, max_steps=steps + 1, oracle=False)
                 start, cpu_start, children_start = time.perf_counter(), time.process_time(), _children_cpu()
+                server_start = _process_cpu(server.pid)
                 summary = await run_rollouts([task], client, pool, config, progress=False)
                 elapsed = time.perf_counter() - start
                 cpu[n] = {
                     "runner_cpu_s": time.process_time() - cpu_start,
                     "sandbox_processes_cpu_s": _children_cpu() - children_start,
+                    "stub_server_cpu_s": _process_cpu(server.pid) - server_start,
                 }
             assert summary.ran == n and summary.exit_reasons == {"agent": n}, summary
             return elapsed
@@ -95,6 +97,12 @@ def concurrency_part(episodes: int, steps: int, delay: float) -> dict:
         "fraction_of_ideal": speedup / episodes,
         f"cpu_during_{episodes}_episodes": cpu[episodes],
     }
+
+
+def _process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of another process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _children_cpu() -> float:

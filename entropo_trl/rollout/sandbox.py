@@ -16,6 +16,7 @@ Paths given to the file methods are absolute, or relative to `workdir`.
 
 from __future__ import annotations
 
+import atexit
 import base64
 import math
 import os
@@ -26,6 +27,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
@@ -341,11 +343,24 @@ class LocalSandbox(Sandbox):
         self._closed = False
         try:
             copy = Path(self._root) / (source.name or "repo")
-            shutil.copytree(source, copy, symlinks=True)
-            _detach_linked_git(copy, base_commit)
-            self.workdir = os.path.realpath(copy)
             self._env = {**os.environ, **COMMAND_ENV}
-            self.base_commit = self._init_git(base_commit)
+            key = (str(source), base_commit, _fingerprint(source))
+            with _TEMPLATES_LOCK:
+                template = _TEMPLATES.get(key)
+            if template is not None and os.path.isdir(template[0]):
+                # N episodes of one task: copy the checkout prepared for the first (`.git` included) with one `cp`
+                # instead of copying the source and running git to set it up again
+                result, _ = run_process(["cp", "-a", template[0], str(copy)], timeout=600, env=self._env)
+                if not result.ok:
+                    raise SandboxError(f"could not copy the prepared checkout: {result.stderr.strip()}")
+                self.workdir = os.path.realpath(copy)
+                self.base_commit = template[1]
+            else:
+                shutil.copytree(source, copy, symlinks=True)
+                _detach_linked_git(copy, base_commit)
+                self.workdir = os.path.realpath(copy)
+                self.base_commit = self._init_git(base_commit)
+                _remember_template(key, self.workdir, self.base_commit, self._env)
         except BaseException:
             self.close()
             raise
@@ -405,6 +420,29 @@ class LocalSandbox(Sandbox):
         finally:
             os.unlink(patch_file)
 
+    def diff(self) -> str:
+        """As `Sandbox.diff`, with the index copied here rather than by shell tools: two git processes per call."""
+        index = os.path.join(self.workdir, ".git", "index")
+        scratch = os.path.join(self._root, "diff-index")
+        if os.path.exists(index):
+            shutil.copyfile(index, scratch)
+        elif os.path.exists(scratch):
+            os.remove(scratch)
+        command = (
+            "git add -A && git -c core.fileMode=false diff --cached --binary --no-color --no-ext-diff "
+            + shlex.quote(self.base_commit)
+        )
+        result, _ = run_process(
+            ["bash", "-c", command],
+            timeout=300,
+            max_output=MAX_DIFF_CHARS,
+            cwd=self.workdir,
+            env={**self._env, "GIT_INDEX_FILE": scratch},
+        )
+        if not result.ok:
+            raise SandboxError(f"git diff failed (exit code {result.exit_code}): {result.stderr.strip()}")
+        return result.stdout
+
     def close(self) -> None:
         if getattr(self, "_closed", True):
             return
@@ -413,6 +451,45 @@ class LocalSandbox(Sandbox):
             _kill_group(group)
         self._groups.clear()
         shutil.rmtree(self._root, ignore_errors=True)
+
+
+# Prepared checkouts by (source folder, base commit, fingerprint of the source tree); removed at exit.
+_TEMPLATES: dict[tuple, tuple[str, str]] = {}
+_TEMPLATES_LOCK = threading.Lock()
+_TEMPLATES_ROOT: list[str] = []
+
+
+def _fingerprint(source: Path) -> tuple[int, int]:
+    """(latest modification time, number of entries) of a tree: a changed source gets a fresh template."""
+    latest, count = 0, 0
+    for dirpath, dirnames, filenames in os.walk(source):
+        for name in dirnames + filenames:
+            latest = max(latest, os.lstat(os.path.join(dirpath, name)).st_mtime_ns)
+            count += 1
+    return latest, count
+
+
+def _remember_template(key: tuple, checkout: str, base_commit: str, env: dict[str, str]) -> None:
+    """Keep a copy of a freshly prepared checkout for the next sandbox of the same source (best effort)."""
+    with _TEMPLATES_LOCK:
+        if key in _TEMPLATES:
+            return
+        if not _TEMPLATES_ROOT:
+            _TEMPLATES_ROOT.append(tempfile.mkdtemp(prefix="entropo-sandbox-templates-"))
+            atexit.register(shutil.rmtree, _TEMPLATES_ROOT[0], True)
+        target = os.path.join(_TEMPLATES_ROOT[0], uuid.uuid4().hex)
+    # copies have new inodes: let git trust size and mtime only, so it does not re-hash every file after a copy
+    result, _ = run_process(
+        ["bash", "-c", f"git config core.checkStat minimal && cp -a . {shlex.quote(target)}"],
+        timeout=600,
+        cwd=checkout,
+        env=env,
+    )
+    with _TEMPLATES_LOCK:
+        if result.ok:
+            _TEMPLATES.setdefault(key, (target, base_commit))
+        else:
+            shutil.rmtree(target, ignore_errors=True)
 
 
 def _detach_linked_git(copy: Path, base_commit: str | None) -> None:
