@@ -44,6 +44,26 @@ def _mark(marker: Path, info: dict | None = None) -> None:
     marker.write_text(json.dumps(info or {}, indent=2))
 
 
+def solving_step(step: int, path: str, fix: dict) -> str:
+    """The scripted solver's response at `step` for a toy task's reference `fix` in the file at `path`: view the
+    file, apply the fix, run the tests, finish."""
+    from .rollout.scaffold import Action
+
+    if step == 0:
+        return Action("file_editor", {"command": "view", "path": path}, "Let me read the module.").to_text()
+    if step == 1:
+        edit = {
+            "command": "str_replace",
+            "path": path,
+            "old_str": fix["old"].rstrip("\n"),
+            "new_str": fix["new"].rstrip("\n"),
+        }
+        return Action("file_editor", edit, "This line is wrong; fix it.").to_text()
+    if step == 2:
+        return Action("execute_bash", {"cmd": "python -m pytest -q -p no:cacheprovider"}, "Run the tests.").to_text()
+    return Action("finish", {"command": "submit"}, "The tests pass.").to_text()
+
+
 def scripted_teacher(tasks):
     """A stand-in for a strong teacher model: reads the bug's reference fix (which the toy tasks keep outside the
     repository), views the file, applies the fix, runs the tests and finishes -- on every other episode of an
@@ -68,24 +88,7 @@ def scripted_teacher(tasks):
             if step == 0:
                 return Action("search", {"search_term": fix["function"], "path": workdir}, "Where is it?").to_text()
             return Action("finish", {"command": "submit"}, "I could not find the cause.").to_text()
-        if step == 0:
-            return Action("file_editor", {"command": "view", "path": path}, "Let me read the module.").to_text()
-        if step == 1:
-            return Action(
-                "file_editor",
-                {
-                    "command": "str_replace",
-                    "path": path,
-                    "old_str": fix["old"].rstrip("\n"),
-                    "new_str": fix["new"].rstrip("\n"),
-                },
-                "This line is wrong; fix it.",
-            ).to_text()
-        if step == 2:
-            return Action(
-                "execute_bash", {"cmd": "python -m pytest -q -p no:cacheprovider"}, "Run the tests."
-            ).to_text()
-        return Action("finish", {"command": "submit"}, "The tests pass.").to_text()
+        return solving_step(step, path, fix)
 
     return respond
 

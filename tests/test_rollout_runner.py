@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from entropo_trl.demo import solving_step
 from entropo_trl.rollout.client import ChatClient
 from entropo_trl.rollout.oracle import evaluate_patch, parse_pytest_statuses
 from entropo_trl.rollout.runner import RolloutConfig, default_sandbox_factory, run_rollouts
@@ -36,24 +37,7 @@ def solver(tasks):
         workdir = _workdir(messages)
         fix = next(f for issue, f in fixes.items() if issue in messages[1]["content"])
         path = f"{workdir}/{fix['path']}"
-        if step == 0:
-            return Action("file_editor", {"command": "view", "path": path}, "Let me read the module.").to_text()
-        if step == 1:
-            return Action(
-                "file_editor",
-                {
-                    "command": "str_replace",
-                    "path": path,
-                    "old_str": fix["old"].rstrip("\n"),
-                    "new_str": fix["new"].rstrip("\n"),
-                },
-                "Fix the bug.",
-            ).to_text()
-        if step == 2:
-            return Action(
-                "execute_bash", {"cmd": "python -m pytest -q -p no:cacheprovider"}, "Run the tests."
-            ).to_text()
-        return Action("finish", {"command": "submit"}, "Done.").to_text()
+        return solving_step(step, path, fix)
 
     return respond
 
