@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .trajectory import Trajectory
-from .truncation import TruncationError, TruncationReport, count_tokens, truncate_trajectory
+from .truncation import TruncationError, TruncationReport, truncate_trajectory
 
 DPO_POLICIES = ("all", "authors")
 
@@ -415,15 +415,11 @@ def build_verifier_rows(
     return Rows(generate)
 
 
-def token_lengths(tokenizer, rows: Iterable[dict[str, Any]]) -> list[int]:
-    """Rendered token lengths of built rows (any of the builders' layouts), for summaries."""
-    lengths = []
-    for row in rows:
-        if "messages" in row:
-            messages = row["messages"]
-        elif "chosen" in row:
-            messages = row["prompt"] + row["chosen"]
-        else:
-            messages = row["prompt"] + row["completion"]
-        lengths.append(count_tokens(tokenizer, messages))
-    return lengths
+def row_messages(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """The whole conversation of a built row, whatever the builder (`messages`; `prompt` + `chosen`; `prompt` +
+    `completion`)."""
+    if "messages" in row:
+        return row["messages"]
+    if "chosen" in row:
+        return row["prompt"] + row["chosen"]
+    return row["prompt"] + row["completion"]

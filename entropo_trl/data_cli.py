@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .data import Rows, build_dpo_pairs, build_kto_rows, build_sft_rows, build_verifier_rows
+from .data import Rows, build_dpo_pairs, build_kto_rows, build_sft_rows, build_verifier_rows, row_messages
 from .sharegpt import export_sharegpt, import_sharegpt, sharegpt_dataset_info
 from .trajectory import FORMATS, ReadStats, read_trajectories
 from .truncation import count_tokens
@@ -33,14 +33,6 @@ def _progress(iterable: Iterable, description: str) -> Iterable:
     except ImportError:  # pragma: no cover
         return iterable
     return tqdm(iterable, desc=description, unit=" rows", disable=os.environ.get("TQDM_DISABLE") == "1")
-
-
-def _row_messages(row: dict[str, Any]) -> list[dict[str, Any]]:
-    if "messages" in row:
-        return row["messages"]
-    if "chosen" in row:
-        return row["prompt"] + row["chosen"]
-    return row["prompt"] + row["completion"]
 
 
 def percentiles(values: list[int], points=(50, 90, 99, 100)) -> dict[str, int]:
@@ -79,7 +71,7 @@ def write_rows(
     with open(partial, "w", encoding="utf-8") as handle:
         for row in _progress(rows, description):
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-            messages = _row_messages(row)
+            messages = row_messages(row)
             lengths.append(
                 count_tokens(tokenizer, messages)
                 if tokenizer is not None

@@ -1,20 +1,22 @@
 """Configuration for [`EntroDPOTrainer`]."""
 
-import math
 import warnings
 from dataclasses import dataclass, field
 
 from trl import DPOConfig
 
+from .losses import check_coefficient
+
 
 def validate_alpha(alpha: float | None, beta: float) -> None:
     """Raise on invalid α / β; warn when α < β (allowed by the maths, but a negative entropy weight λ = α − β)."""
-    if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
-        raise ValueError(f"`beta` must be a positive finite number, got {beta!r}")
+    check_coefficient("beta", beta)
     if alpha is None:
         return
-    if isinstance(alpha, bool) or not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
-        raise ValueError(f"`alpha` must be a positive finite number or None (None means alpha = beta), got {alpha!r}")
+    try:
+        check_coefficient("alpha", alpha)
+    except ValueError as error:
+        raise ValueError(f"{error} (or None, which means alpha = beta)") from None
     if alpha < beta:
         warnings.warn(
             f"alpha ({alpha}) < beta ({beta}): the entropy weight lambda = alpha - beta is negative, which rewards "
@@ -46,6 +48,10 @@ DPO_UNSUPPORTED = {
     "use_weighting": (False, "WPO weighting is not part of EntroPO"),
     "sync_ref_model": (False, "EntroPO keeps the SFT reference fixed"),
     "padding_free": (False, "TRL 1.16 disables padding-free DPO"),
+    # accepted by TRL but without effect on the sigmoid loss: refused rather than silently ignored
+    "discopop_tau": (0.05, "it only applies to the DiscoPOP loss"),
+    "f_alpha_divergence_coef": (0.5, "it only applies to the alpha-divergence form"),
+    "label_smoothing_factor": (0.0, "TRL's preference losses do not use the Trainer's label smoother"),
 }
 
 
@@ -56,6 +62,9 @@ class EntroDPOConfig(DPOConfig):
 
     EntroPO-DPO (eq. 6 of the EntroPO paper) minimises `−log σ(α·(logp(y+) − logp(y−)) − β·(ref(y+) − ref(y−)))`,
     with log-probs summed over assistant tokens only.
+
+    Mixture-of-experts policies: TRL adds its router load-balancing loss (`router_aux_loss_coef`, default the model's own
+    coefficient, logged as `aux_loss`) to the EntroPO loss; set `router_aux_loss_coef=0.0` for the pure EntroPO loss.
 
     Parameters:
         alpha (`float` or `None`, *optional*, defaults to `None`):

@@ -11,6 +11,7 @@ from .losses import KTO_VARIANTS
 KTO_UNSUPPORTED = {
     "loss_type": ("kto", "EntroPO-KTO needs the KL reference point z0, which 'apo_zero_unpaired' does not estimate"),
     "sync_ref_model": (False, "EntroPO keeps the SFT reference fixed"),
+    "label_smoothing_factor": (0.0, "TRL's preference losses do not use the Trainer's label smoother"),
 }
 
 
@@ -22,6 +23,9 @@ class EntroKTOConfig(KTOConfig):
     EntroPO-KTO (eqs. 7-8 of the EntroPO paper), with r(y) = logp(y) − (β/α)·ref(y) summed over assistant tokens:
     desirable `λ+·(1 − σ(α·(r − z0)))`, undesirable `λ−·(1 − σ(α·(z0 − r)))`, z0 the batch mean of r over the
     mismatched (KL) samples, averaged across processes.
+
+    Mixture-of-experts policies: TRL adds its router load-balancing loss (`router_aux_loss_coef`, default the model's own
+    coefficient, logged as `aux_loss`) to the EntroPO loss; set `router_aux_loss_coef=0.0` for the pure EntroPO loss.
 
     Parameters:
         alpha (`float` or `None`, *optional*, defaults to `None`):

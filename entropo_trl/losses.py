@@ -7,6 +7,7 @@ Units: `beta` (β) is TRL's usual KL coefficient; `alpha` (α) is absolute, α =
 weight. α = β is plain DPO / KTO. The paper's "α = 1.1" is the ratio α/β (the authors train with β = 0.1, α = 0.11).
 """
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -15,11 +16,15 @@ import torch.nn.functional as F
 KTO_VARIANTS = ("paper", "reference_code")
 
 
+def check_coefficient(name: str, value: float) -> None:
+    """Raise unless `value` is a positive finite number (booleans are refused). Shared by the losses and the configs."""
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"`{name}` must be a positive finite number, got {value!r}")
+
+
 def _check_coefficients(alpha: float, beta: float) -> None:
-    if not (isinstance(alpha, (int, float)) and alpha > 0):
-        raise ValueError(f"alpha must be a positive number, got {alpha!r}")
-    if not (isinstance(beta, (int, float)) and beta > 0):
-        raise ValueError(f"beta must be a positive number, got {beta!r}")
+    check_coefficient("alpha", alpha)
+    check_coefficient("beta", beta)
 
 
 def _check_variant(variant: str) -> None:

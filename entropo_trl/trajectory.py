@@ -320,21 +320,24 @@ _R2E_METADATA = (
 )
 _R2E_LOGS = ("test_output", "regression_test_output", "custom_test_outputs")
 _DS_METADATA = ("repo", "base_commit", "version", "FAIL_TO_PASS", "PASS_TO_PASS", "environment_setup_commit")
-_TEST_STATUS = re.compile(
-    r"^(?:PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\s+(\S+)|^(\S+::\S+)\s+(PASSED|FAILED|ERROR)", re.MULTILINE
-)
+_STATUS_LINE = re.compile(r"^(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\s+(\S+)", re.MULTILINE)
+_VERBOSE_LINE = re.compile(r"^(\S+::\S+)\s+(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)", re.MULTILINE)
+
+
+def parse_pytest_statuses(output: str) -> dict[str, str]:
+    """`{test id: status}` from a pytest log (`-rA` short summary `STATUS id` or verbose `id STATUS` lines; the summary
+    wins). Other frameworks' logs give nothing here; score them with the instance's own parser (swebench)."""
+    statuses: dict[str, str] = {}
+    for match in _VERBOSE_LINE.finditer(output):
+        statuses[match.group(1)] = match.group(2)
+    for match in _STATUS_LINE.finditer(output):
+        statuses[match.group(2)] = match.group(1)
+    return statuses
 
 
 def count_passed_tests(test_output: str) -> int:
-    """Passing tests in a pytest log (`-rA` summary lines `PASSED test_id` or verbose `test_id PASSED`), each test id
-    counted once. Other frameworks' logs give 0 here; score them with the instance's own parser (swebench)."""
-    status: dict[str, str] = {}
-    for match in _TEST_STATUS.finditer(test_output):
-        if match.group(1):
-            status[match.group(1)] = match.group(0).split()[0]
-        else:
-            status[match.group(2)] = match.group(3)
-    return sum(s == "PASSED" for s in status.values())
+    """Passing tests in a pytest log, each test id counted once."""
+    return sum(status == "PASSED" for status in parse_pytest_statuses(test_output).values())
 
 
 def from_r2egym(record: dict[str, Any], keep_logs: bool = False) -> Trajectory:

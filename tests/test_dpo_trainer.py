@@ -204,6 +204,9 @@ def test_precomputed_reference_is_reused_across_alphas(tiny_model_dir, tokenizer
         ("label_smoothing", 0.1),
         ("sync_ref_model", True),
         ("loss_weights", [1.0]),
+        ("discopop_tau", 0.1),
+        ("f_alpha_divergence_coef", 0.9),
+        ("label_smoothing_factor", 0.1),
     ],
 )
 def test_unsupported_options_raise_naming_them(option, value, tmp_path, tiny_model_dir, tokenizer):
@@ -222,7 +225,7 @@ def test_unsupported_options_raise_naming_them(option, value, tmp_path, tiny_mod
 
 
 def test_invalid_alpha_raises_and_small_alpha_warns(tmp_path):
-    for bad in (0.0, -0.1, float("inf")):
+    for bad in (0.0, -0.1, float("inf"), True):
         with pytest.raises(ValueError, match="alpha"):
             EntroDPOConfig(**training_kwargs(tmp_path, alpha=bad))
     with pytest.warns(UserWarning, match="alpha"):

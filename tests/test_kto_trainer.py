@@ -226,12 +226,16 @@ def test_peft_lora_without_reference_model(tiny_model_dir, tokenizer, tmp_path):
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
     )
     assert trainer.ref_model is None
+    base = load_model(tiny_model_dir)  # the adapter starts at zero: the first step's policy and reference are this
+    _, kl, ref_kl, _, _ = _kl_batch_manual(trainer, base, base, 0.11, 0.1)
+    expected_z0 = (kl - 0.1 / 0.11 * ref_kl).mean().item()
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
     trainer.train()
     after = dict(trainer.model.named_parameters())
     assert before and all(not torch.equal(before[n], after[n]) for n in before)
-    # adapter at zero on the first step: policy == reference, so z0 = (1 - beta/alpha) * mean logp(KL samples) < 0
-    assert _first_log(trainer)["entropo/z0"] < 0
+    # z0 = (1 - beta/alpha) * mean logp(KL samples), computed with the adapter switched off for the reference
+    assert expected_z0 < -1.0
+    assert _first_log(trainer)["entropo/z0"] == pytest.approx(expected_z0, rel=1e-3)
 
 
 def test_precomputed_reference_is_reused_across_alphas(tiny_model_dir, tokenizer, tmp_path, monkeypatch):
@@ -268,7 +272,10 @@ def test_precomputed_reference_is_reused_across_alphas(tiny_model_dir, tokenizer
     assert counts[0] > 0 and counts[1] == 0, "the second run did not reuse the cache"
 
 
-@pytest.mark.parametrize("option, value", [("loss_type", "apo_zero_unpaired"), ("sync_ref_model", True)])
+@pytest.mark.parametrize(
+    "option, value",
+    [("loss_type", "apo_zero_unpaired"), ("sync_ref_model", True), ("label_smoothing_factor", 0.1)],
+)
 def test_unsupported_options_raise_naming_them(option, value, tmp_path, tiny_model_dir, tokenizer):
     with pytest.raises(ValueError, match=option):
         EntroKTOConfig(**training_kwargs(tmp_path, **{option: value}))

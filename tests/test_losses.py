@@ -159,3 +159,12 @@ def test_invalid_coefficients_raise(alpha, beta):
 def test_unknown_variant_raises():
     with pytest.raises(ValueError, match="variant"):
         entropo_kto_z0(torch.zeros(2), torch.zeros(2), alpha=0.1, beta=0.1, variant="authors")
+
+
+def test_losses_refuse_bad_coefficients():
+    c, r = torch.tensor([-1.0]), torch.tensor([-2.0])
+    for bad in (0.0, -1.0, float("inf"), float("nan"), True):
+        with pytest.raises(ValueError, match="positive finite"):
+            entropo_dpo_loss(c, r, c, r, alpha=bad, beta=0.1)
+        with pytest.raises(ValueError, match="positive finite"):
+            entropo_kto_z0(c, r, alpha=0.11, beta=bad)

@@ -304,6 +304,8 @@ def test_pure_python_levenshtein_matches_the_accelerated_one(monkeypatch):
 
     from entropo_trl import metrics
 
+    pytest.importorskip("rapidfuzz")  # otherwise both sides would be the pure-Python version
+    assert metrics._rapidfuzz_levenshtein is not None
     rng = random.Random(0)
     pairs = [
         (

@@ -13,13 +13,13 @@ import pytest
 
 from entropo_trl.demo import solving_step
 from entropo_trl.rollout.client import ChatClient
-from entropo_trl.rollout.oracle import evaluate_patch, parse_pytest_statuses
+from entropo_trl.rollout.oracle import evaluate_patch
 from entropo_trl.rollout.runner import RolloutConfig, default_sandbox_factory, run_rollouts
 from entropo_trl.rollout.scaffold import Action
 from entropo_trl.rollout.serve import serve_scripted
 from entropo_trl.rollout.tasks import load_tasks, task_from_swebench
 from entropo_trl.rollout.toy import make_toy_tasks
-from entropo_trl.trajectory import ReadStats, read_trajectories
+from entropo_trl.trajectory import ReadStats, parse_pytest_statuses, read_trajectories
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,26 +6,13 @@ of PASS_TO_PASS tests that pass (what the hybrid selector's regression stage ran
 
 from __future__ import annotations
 
-import re
 import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..trajectory import parse_pytest_statuses
 from .sandbox import Sandbox
 from .tasks import Task
-
-_STATUS_LINE = re.compile(r"^(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\s+(\S+)", re.MULTILINE)
-_VERBOSE_LINE = re.compile(r"^(\S+::\S+)\s+(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)", re.MULTILINE)
-
-
-def parse_pytest_statuses(output: str) -> dict[str, str]:
-    """`{test id: status}` from a pytest log (`-rA` short summary `STATUS id` or verbose `id STATUS` lines)."""
-    statuses: dict[str, str] = {}
-    for match in _VERBOSE_LINE.finditer(output):
-        statuses[match.group(1)] = match.group(2)
-    for match in _STATUS_LINE.finditer(output):
-        statuses[match.group(2)] = match.group(1)
-    return statuses
 
 
 @dataclass
