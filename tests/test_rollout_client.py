@@ -270,6 +270,22 @@ def test_concurrent_requests_are_served_in_parallel():
     assert elapsed < 1.2, f"32 requests of 50 ms took {elapsed:.2f} s: not served in parallel"
 
 
+def test_one_client_across_event_loops():
+    """A client kept between two `asyncio.run` calls opens a new connection pool for the new loop."""
+    client = ChatClient("http://unused", "m")
+
+    async def once(url):
+        client.base_url, client.url = url, f"{url}/chat/completions"
+        return (await client.complete(USER)).text
+
+    with serve_scripted(echo) as server:
+        assert run(once(server.base_url)) == "echo: " + USER[0]["content"]
+        assert run(once(server.base_url)) == "echo: " + USER[0]["content"]  # the first loop is closed by now
+        run(client.aclose())
+        run(client.aclose())  # closing twice is fine
+    assert client.usage["requests"] == 2
+
+
 def test_max_concurrency_limits_requests_in_flight():
     in_flight, peak, lock = [0], [0], threading.Lock()
 

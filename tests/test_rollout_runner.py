@@ -120,6 +120,19 @@ def test_rerun_skips_finished_episodes(toy_tasks, tmp_path):
         assert len(prompts) == 1 and "/testbed" in next(iter(prompts))
 
 
+def test_sandbox_root_holds_the_local_checkouts(toy_tasks, tmp_path):
+    root = tmp_path / "boxes"
+    root.mkdir()
+    pool = tmp_path / "pool.jsonl"
+    summary = _run(toy_tasks[:1], quitter, pool, n=2, max_steps=2, sandbox_root=str(root))
+    assert summary.ran == 2
+    for t in read_trajectories(pool):
+        assert Path(t.metadata["workdir"]).parent.parent == root.resolve()  # root/entropo-sandbox-XXX/repo
+        assert not Path(t.metadata["workdir"]).exists()  # removed after the episode
+    with pytest.raises(ValueError, match="local sandboxes only"):
+        RolloutConfig(sandbox="docker", sandbox_root=str(root))
+
+
 def test_sigkill_and_restart_five_times_gives_exactly_the_pool(toy_tasks, tmp_path):
     pool = tmp_path / "pool.jsonl"
     rng = random.Random(0)

@@ -200,13 +200,27 @@ def test_output_is_capped(sandbox):
     assert flood.timed_out and len(flood.stdout) < 300
 
 
-def test_per_call_overhead_is_small(sandbox):
-    durations = []
-    for _ in range(15):
-        start = time.perf_counter()
-        sandbox.run("true")
-        durations.append(time.perf_counter() - start)
-    assert sorted(durations)[len(durations) // 2] < 0.1
+def test_later_sandboxes_copy_a_lean_prepared_checkout(repo, tmp_path):
+    root = tmp_path / "boxes"
+    root.mkdir()
+    with LocalSandbox(repo, root=root) as first:
+        first.write_file("pkg/core.py", "edited in the first sandbox\n")
+        with LocalSandbox(repo, root=root) as second:
+            assert second.base_commit == first.base_commit
+            assert second.read_file("pkg/core.py").startswith("def add")  # not the first sandbox's edit
+            git_dir = Path(second.workdir) / ".git"
+            assert not list((git_dir / "hooks").glob("*.sample"))  # the template dropped git's sample hooks
+            loose = [p for p in (git_dir / "objects").glob("??/*")]
+            assert not loose and list((git_dir / "objects" / "pack").glob("*.pack"))  # and packed its objects
+            assert second.run("git status --porcelain").stdout == ""
+            assert second.run("git log --format=%H").stdout.split() == [second.base_commit]
+            second.write_file("pkg/core.py", "def add(a, b):\n    return a - b\n")
+            assert "-    return a + b\n+    return a - b" in second.diff()
+    templates = [p for p in root.iterdir() if p.name.startswith("entropo-sandbox-templates-")]
+    assert len(templates) == 1  # kept beside the sandboxes, under the same root
+    (repo / "NEW.md").write_text("new\n")  # a changed source gets a fresh template
+    with LocalSandbox(repo, root=root) as third:
+        assert third.read_file("NEW.md") == "new\n" and "NEW.md" not in third.diff()
 
 
 def test_file_operations(sandbox):

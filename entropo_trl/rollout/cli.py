@@ -47,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repetition_penalty", type=float, default=1.05)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--sandbox", choices=["local", "docker"], default="local")
+    parser.add_argument(
+        "--sandbox_root",
+        help="folder for the local sandboxes' private checkouts (default: the temporary directory; a tmpfs such as "
+        "/dev/shm is faster if memory allows one checkout per episode in flight)",
+    )
     parser.add_argument("--no_oracle", action="store_true", help="do not run the tests (reward stays 0)")
     parser.add_argument("--limit", type=int, help="only the first N tasks")
     return parser
@@ -72,6 +77,7 @@ async def _run(args, base_url: str, model: str):
         sampling=sampling,
         source=args.source,
         sandbox=args.sandbox,
+        sandbox_root=args.sandbox_root,
         oracle=not args.no_oracle,
     )
     async with ChatClient(

@@ -31,8 +31,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import certifi
-import httpx
 
 __all__ = [
     "ChatClient",
@@ -144,6 +144,28 @@ def _snippet(text: str, limit: int = 500) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+def _drop(session: aiohttp.ClientSession) -> None:
+    """Forget a session whose event loop has ended (a client reused by a second `asyncio.run` without `aclose`).
+    Its sockets belong to the dead loop and cannot be closed through it; they are freed with the connector."""
+    session.detach()
+
+
+@dataclass
+class _Response:
+    """A finished HTTP response, read whole (chat completions are not streamed here)."""
+
+    status_code: int
+    headers: Any
+    content: bytes
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", errors="replace")
+
+    def json(self) -> Any:
+        return json.loads(self.content)
+
+
 class ChatClient:
     """An async client for `POST {base_url}/chat/completions` on an OpenAI-compatible server.
 
@@ -152,7 +174,8 @@ class ChatClient:
         model: the model name sent in every request.
         api_key: sent as `Authorization: Bearer ...`; defaults to the `OPENAI_API_KEY` environment variable, and no
             header is sent when neither is set.
-        timeout: seconds allowed for one attempt (connect, write, read).
+        timeout: seconds allowed to connect, and to wait for each read of the response (a whole non-streamed
+            completion counts as one wait).
         max_retries: retries after the first attempt for connection errors, timeouts, HTTP 429 and 5xx.
         backoff: the first retry waits `backoff` seconds, then 2x, 4x, ... (capped at `MAX_BACKOFF`), each times a
             random factor in [1, 1.5); a numeric `Retry-After` header makes the wait at least that long.
@@ -194,49 +217,46 @@ class ChatClient:
         self.max_concurrency = max_concurrency
         self.usage: dict[str, int] = {"prompt_tokens": 0, "completion_tokens": 0, "requests": 0, "retries": 0}
         self._semaphore = asyncio.Semaphore(max_concurrency) if max_concurrency is not None else None
-        self._clients: list[httpx.AsyncClient] = []
-        self._in_flight = [0] * self.POOLS
-        self._ssl_context: ssl.SSLContext | None = None
-
-    # httpcore's connection pool scans every connection (with a socket poll each) on each request start and end, so
-    # its cost grows with the square of the connections in flight; small pools, used round-robin, keep it flat.
-    POOLS = 16
-    CONNECTIONS_PER_POOL = 2
+        self._session: aiohttp.ClientSession | None = None
+        self._session_loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------------------------
 
-    async def _post(self, payload: bytes, headers: dict[str, str]) -> httpx.Response:
-        # Pools are created on first use (so that they bind to the running event loop) and only when the existing ones
-        # are busy: a lone caller keeps reusing one warm connection.
-        idle = [i for i, n in enumerate(self._in_flight[: len(self._clients)]) if n < self.CONNECTIONS_PER_POOL]
-        if idle:
-            index = min(idle, key=self._in_flight.__getitem__)
-        elif len(self._clients) < self.POOLS:
-            if self._ssl_context is None:  # one SSL context for all pools (loading the CA bundle is slow)
-                self._ssl_context = ssl.create_default_context(cafile=certifi.where())
-            headers_all = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-            self._clients.append(
-                httpx.AsyncClient(
-                    headers=headers_all,
-                    timeout=httpx.Timeout(self.timeout),
-                    verify=self._ssl_context,
-                    limits=httpx.Limits(max_connections=None, max_keepalive_connections=None),
-                )
-            )
-            index = len(self._clients) - 1
-        else:
-            index = min(range(len(self._clients)), key=self._in_flight.__getitem__)
-        self._in_flight[index] += 1
-        try:
-            return await self._clients[index].post(self.url, content=payload, headers=headers)
-        finally:
-            self._in_flight[index] -= 1
+    def _session_for_this_loop(self) -> aiohttp.ClientSession:
+        # One aiohttp session (its connection pool hands out idle keep-alive connections in constant time), created
+        # on first use so that it binds to the running event loop; a client reused under a new loop (a second
+        # `asyncio.run`) gets a new session.
+        loop = asyncio.get_running_loop()
+        session = self._session
+        if session is not None and not session.closed:
+            if self._session_loop is loop:
+                return session
+            _drop(session)
+        ssl_context: ssl.SSLContext | bool = True
+        if self.base_url.startswith("https:"):  # loading the CA bundle is slow: only for https
+            ssl_context = ssl.create_default_context(cafile=certifi.where())
+        self._session = aiohttp.ClientSession(
+            headers={"Authorization": f"Bearer {self.api_key}"} if self.api_key else None,
+            timeout=aiohttp.ClientTimeout(total=None, connect=self.timeout, sock_read=self.timeout),
+            connector=aiohttp.TCPConnector(limit=0, ssl=ssl_context),
+        )
+        self._session_loop = loop
+        return self._session
+
+    async def _post(self, payload: bytes, headers: dict[str, str]) -> _Response:
+        session = self._session_for_this_loop()
+        async with session.post(self.url, data=payload, headers=headers) as response:
+            return _Response(response.status, response.headers, await response.read())
 
     async def aclose(self) -> None:
         """Close the underlying HTTP connections (the client can be used again afterwards)."""
-        clients, self._clients = self._clients, []
-        for client in clients:
-            await client.aclose()
+        session, self._session = self._session, None
+        if session is None or session.closed:
+            return
+        if self._session_loop is asyncio.get_running_loop():
+            await session.close()
+        else:  # left over from an earlier `asyncio.run`, whose loop is gone
+            _drop(session)
 
     async def __aenter__(self) -> ChatClient:
         return self
@@ -261,7 +281,7 @@ class ChatClient:
         body["max_tokens"] = min(sampling.max_tokens, room)
         return body
 
-    def _wait(self, attempt: int, response: httpx.Response | None) -> float:
+    def _wait(self, attempt: int, response: _Response | None) -> float:
         wait = min(self.backoff * 2**attempt, MAX_BACKOFF) * (1.0 + 0.5 * random.random())
         if response is not None:
             try:
@@ -299,7 +319,7 @@ class ChatClient:
         headers = {"Content-Type": "application/json"}
         attempt = 0
         while True:
-            response: httpx.Response | None = None
+            response: _Response | None = None
             failure: str
             start = time.perf_counter()
             try:
@@ -309,7 +329,7 @@ class ChatClient:
                         response = await self._post(payload, headers)
                 else:
                     response = await self._post(payload, headers)
-            except httpx.TransportError as error:  # connection refused/reset, timeouts, protocol errors
+            except (aiohttp.ClientError, asyncio.TimeoutError) as error:  # refused/reset, timeouts, protocol errors
                 failure = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
             else:
                 latency = time.perf_counter() - start
@@ -336,7 +356,7 @@ class ChatClient:
             attempt += 1
             self.usage["retries"] += 1
 
-    def _parse(self, response: httpx.Response, latency: float) -> Completion:
+    def _parse(self, response: _Response, latency: float) -> Completion:
         try:
             data = response.json()
             choice = data["choices"][0]

@@ -46,6 +46,9 @@ class RolloutConfig:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     source: str | None = None  # recorded as the trajectories' source; default: the client's model name
     sandbox: str = "local"  # "local" or "docker"
+    # where local sandboxes make their private copies (None: the system's temporary directory). A tmpfs such as
+    # /dev/shm makes copying and deleting checkouts much cheaper, at the cost of memory (one checkout per episode).
+    sandbox_root: str | None = None
     oracle: bool = True  # label each trajectory by running its tests
     oracle_timeout: float = 900.0
     # the repository path written into recorded trajectories in place of the sandbox's own (None: keep it)
@@ -56,10 +59,13 @@ class RolloutConfig:
             raise ValueError("n, concurrency and max_steps must be >= 1")
         if self.sandbox not in ("local", "docker"):
             raise ValueError(f"sandbox must be 'local' or 'docker', got {self.sandbox!r}")
+        if self.sandbox_root is not None and self.sandbox == "docker":
+            raise ValueError("sandbox_root applies to local sandboxes only (docker containers have their own disk)")
 
 
-def default_sandbox_factory(backend: str = "local") -> Callable[[Task], Sandbox]:
-    """A fresh sandbox per episode: a private copy of `task.repo_path` (local) or a container of `task.image`."""
+def default_sandbox_factory(backend: str = "local", root: str | None = None) -> Callable[[Task], Sandbox]:
+    """A fresh sandbox per episode: a private copy of `task.repo_path` under `root` (local) or a container of
+    `task.image`."""
 
     def make(task: Task) -> Sandbox:
         if backend == "docker":
@@ -70,7 +76,7 @@ def default_sandbox_factory(backend: str = "local") -> Callable[[Task], Sandbox]
             return sandbox
         if not task.repo_path:
             raise ValueError(f"task {task.instance_id} has no local repository (repo_path); use the docker sandbox")
-        return LocalSandbox(task.repo_path, task.base_commit)
+        return LocalSandbox(task.repo_path, task.base_commit, root=root)
 
     return make
 
@@ -202,7 +208,7 @@ async def run_rollouts(
     """Run `config.n` episodes per task (skipping those already in `pool`), `config.concurrency` at a time, and
     append each trajectory to `pool` as it finishes."""
     config = config or RolloutConfig()
-    factory = sandbox_factory or default_sandbox_factory(config.sandbox)
+    factory = sandbox_factory or default_sandbox_factory(config.sandbox, config.sandbox_root)
     source = config.source or client.model
     done = done_episodes(pool)
     todo = [(task, k) for task in tasks for k in range(config.n) if episode_id(task, source, k) not in done]

@@ -360,7 +360,7 @@ class LocalSandbox(Sandbox):
                 _detach_linked_git(copy, base_commit)
                 self.workdir = os.path.realpath(copy)
                 self.base_commit = self._init_git(base_commit)
-                _remember_template(key, self.workdir, self.base_commit, self._env)
+                _remember_template(key, self.workdir, self.base_commit, self._env, root)
         except BaseException:
             self.close()
             raise
@@ -456,7 +456,7 @@ class LocalSandbox(Sandbox):
 # Prepared checkouts by (source folder, base commit, fingerprint of the source tree); removed at exit.
 _TEMPLATES: dict[tuple, tuple[str, str]] = {}
 _TEMPLATES_LOCK = threading.Lock()
-_TEMPLATES_ROOT: list[str] = []
+_TEMPLATES_ROOTS: dict[str | Path | None, str] = {}  # sandbox root -> the folder of its templates
 
 
 def _fingerprint(source: Path) -> tuple[int, int]:
@@ -469,18 +469,28 @@ def _fingerprint(source: Path) -> tuple[int, int]:
     return latest, count
 
 
-def _remember_template(key: tuple, checkout: str, base_commit: str, env: dict[str, str]) -> None:
-    """Keep a copy of a freshly prepared checkout for the next sandbox of the same source (best effort)."""
+def _remember_template(
+    key: tuple, checkout: str, base_commit: str, env: dict[str, str], root: str | Path | None
+) -> None:
+    """Keep a copy of a freshly prepared checkout (in a folder beside the sandboxes, under `root`) for the next
+    sandbox of the same source (best effort)."""
     with _TEMPLATES_LOCK:
         if key in _TEMPLATES:
             return
-        if not _TEMPLATES_ROOT:
-            _TEMPLATES_ROOT.append(tempfile.mkdtemp(prefix="entropo-sandbox-templates-"))
-            atexit.register(shutil.rmtree, _TEMPLATES_ROOT[0], True)
-        target = os.path.join(_TEMPLATES_ROOT[0], uuid.uuid4().hex)
-    # copies have new inodes: let git trust size and mtime only, so it does not re-hash every file after a copy
+        folder = _TEMPLATES_ROOTS.get(root)
+        if folder is None:
+            folder = _TEMPLATES_ROOTS[root] = tempfile.mkdtemp(prefix="entropo-sandbox-templates-", dir=root)
+            atexit.register(shutil.rmtree, folder, True)
+        target = os.path.join(folder, uuid.uuid4().hex)
+    # Copies have new inodes: let git trust size and mtime only, so it does not re-hash every file after a copy.
+    # Fewer files make every later copy (and its removal) cheaper: the template drops git's sample hooks (never
+    # run) and packs its loose objects (a fresh snapshot commit has one per file) into one pack.
+    script = (
+        f"git config core.checkStat minimal && cp -a . {shlex.quote(target)} && cd {shlex.quote(target)} && "
+        "rm -f .git/hooks/*.sample && git repack -d -q"
+    )
     result, _ = run_process(
-        ["bash", "-c", f"git config core.checkStat minimal && cp -a . {shlex.quote(target)}"],
+        ["bash", "-c", script],
         timeout=600,
         cwd=checkout,
         env=env,

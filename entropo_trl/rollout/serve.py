@@ -401,7 +401,7 @@ class _OpenAIHandler(BaseHTTPRequestHandler):
         # ACK add ~40 ms to every keep-alive response.
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    timeout = 120  # close idle keep-alive connections (clients such as httpx drop theirs after 5 s)
+    timeout = 120  # close idle keep-alive connections (clients drop their own idle ones sooner: aiohttp after 15 s)
 
     def log_message(self, format, *args):  # noqa: A002 - the base class's signature
         logger.debug("%s - %s", self.address_string(), format % args)
