@@ -10,7 +10,7 @@ JSON each, like the SWE-smith and R2E-Gym files) are written with `write_traject
 
 Tokenisation: `assistant_token_mask` (assistant-only masks from prefix renders of the chat template) against a plain
 `tokenizer.apply_chat_template(messages, tokenize=True)` on the same trajectories, side by side in one run (speed
-ratio, target >= 0.5).
+ratio, target >= 0.5), at 30 and at 100 assistant turns per trajectory (`--turns`).
 """
 
 import argparse
@@ -136,12 +136,12 @@ def stream_part(sizes: list[int], workdir: Path) -> dict:
     return results
 
 
-def tokenize_part(count: int, rounds: int) -> dict:
+def tokenize_part(count: int, rounds: int, turns: int = 30) -> dict:
     from entropo_trl.testing import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer("qwen3")
     rng = random.Random(1)
-    conversations = [synthetic_trajectory(rng, i).messages for i in range(count)]
+    conversations = [synthetic_trajectory(rng, i, turns).messages for i in range(count)]
     plain_times, masked_times = [], []
     tokens = 0
     for _ in range(rounds):  # interleaved, so both see the same machine load
@@ -158,6 +158,7 @@ def tokenize_part(count: int, rounds: int) -> dict:
     plain, masked = statistics.median(plain_times), statistics.median(masked_times)
     return {
         "trajectories": count,
+        "assistant_turns": turns,
         "tokens_per_trajectory": tokens,
         "plain_s": plain,
         "assistant_mask_s": masked,
@@ -172,13 +173,16 @@ def main():
     parser.add_argument("--pool")
     parser.add_argument("--trajectories", type=int, default=100, help="tokenisation part")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--turns", default="30,100", help="tokenisation part: assistant turns per trajectory, e.g. 30,100"
+    )
     cli = parser.parse_args()
     if cli.part == "stream-child":
         print(json.dumps(stream_child(cli.pool)))
         return
     results = {}
     if cli.part in ("all", "tokenize"):
-        results["tokenize"] = tokenize_part(cli.trajectories, cli.rounds)
+        results["tokenize"] = [tokenize_part(cli.trajectories, cli.rounds, int(t)) for t in cli.turns.split(",")]
     if cli.part in ("all", "stream"):
         workdir = Path(tempfile.mkdtemp(prefix="entropo-pool-"))
         try:

@@ -69,36 +69,68 @@ def _render(tokenizer, messages, tools, add_generation_prompt, chat_template, te
 def _prefix_renderer(tokenizer, messages, tools, chat_template, template_kwargs, full: str):
     """`render(n, add_generation_prompt)` -> the rendering of `messages[:n]`.
 
-    The prefix renders are most of the masking cost on long trajectories, and `apply_chat_template` spends about half
-    of each call normalising and copying the whole conversation again. Where transformers' `render_jinja_template`
-    (what `apply_chat_template` calls) reproduces the full rendering exactly, it is called directly on messages
-    normalised once; otherwise every prefix goes through `apply_chat_template`."""
+    The prefix renders are most of the masking cost on long trajectories, and `apply_chat_template` spends much of
+    each call normalising and copying the whole conversation again. So the conversation is normalised once, the way
+    transformers' `render_jinja_template` (what `apply_chat_template` calls) does it, and its compiled template is
+    called directly on slices of it; failing that, `render_jinja_template` is called on messages normalised once;
+    failing that, every prefix goes through `apply_chat_template`. A faster way is only used when it reproduces the
+    full rendering exactly."""
 
     def slow(n: int, add_generation_prompt: bool) -> str:
         return _render(tokenizer, messages[:n], tools, add_generation_prompt, chat_template, template_kwargs)
 
-    try:
-        from transformers.utils.chat_template_utils import render_jinja_template
-
-        template = tokenizer.get_chat_template(chat_template, tools)
-        kwargs = {**tokenizer.special_tokens_map, **template_kwargs}
-        normalized = [{k: v for k, v in message.items() if v is not None} for message in messages]
-
-        def fast(n: int, add_generation_prompt: bool) -> str:
-            rendered, _ = render_jinja_template(
-                conversations=[normalized[:n]],
-                tools=tools,
-                chat_template=template,
-                add_generation_prompt=add_generation_prompt,
-                **kwargs,
-            )
-            return rendered[0]
-
-        if fast(len(messages), False) == full:
-            return fast
-    except Exception:  # noqa: BLE001 - any mismatch in transformers' internals: take the public path
-        pass
+    normalized = [{k: v for k, v in message.items() if v is not None} for message in messages]
+    for make in (_compiled_renderer, _jinja_renderer):
+        try:
+            render = make(tokenizer, normalized, tools, chat_template, template_kwargs)
+            if render(len(messages), False) == full:
+                return render
+        except Exception:  # noqa: BLE001 - any mismatch in transformers' internals: take the next path
+            pass
     return slow
+
+
+def _compiled_renderer(tokenizer, normalized, tools, chat_template, template_kwargs):
+    # transformers' own steps from `render_jinja_template` (compile, sanitise to plain JSON types, alias reasoning
+    # fields), done once for the whole conversation instead of once per prefix
+    from transformers.utils import chat_template_utils as utils
+
+    if tools is not None and not all(isinstance(tool, dict) for tool in tools):
+        raise TypeError("tools given as functions: left to render_jinja_template")
+    compiled = utils._compile_jinja_template(tokenizer.get_chat_template(chat_template, tools))
+    chat = utils._alias_reasoning_fields(utils._plain_template_data(normalized))
+    tool_schemas = utils._plain_template_data(tools)
+    kwargs = utils._plain_template_data({**tokenizer.special_tokens_map, **template_kwargs})
+
+    def render(n: int, add_generation_prompt: bool) -> str:
+        return compiled.render(
+            messages=chat[:n],
+            tools=tool_schemas,
+            documents=None,
+            add_generation_prompt=add_generation_prompt,
+            **kwargs,
+        )
+
+    return render
+
+
+def _jinja_renderer(tokenizer, normalized, tools, chat_template, template_kwargs):
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    template = tokenizer.get_chat_template(chat_template, tools)
+    kwargs = {**tokenizer.special_tokens_map, **template_kwargs}
+
+    def render(n: int, add_generation_prompt: bool) -> str:
+        rendered, _ = render_jinja_template(
+            conversations=[normalized[:n]],
+            tools=tools,
+            chat_template=template,
+            add_generation_prompt=add_generation_prompt,
+            **kwargs,
+        )
+        return rendered[0]
+
+    return render
 
 
 def _first_difference(a: str, b: str) -> int:

@@ -132,9 +132,10 @@ def test_real_swesmith_trajectories():
 
 @pytest.mark.parametrize("family", ["qwen3", "gemma3", "glm4moe"])
 def test_fast_prefix_renders_and_backend_encoding_match_the_public_path(family, monkeypatch):
-    """The masks come out the same through transformers' public `apply_chat_template` for every prefix, and with a
-    tokenizer saved with truncation switched on (the Rust tokenizer is then not called directly)."""
-    import transformers.utils.chat_template_utils as ctu
+    """The masks come out the same through each way of rendering prefixes (the compiled template on a conversation
+    normalised once, transformers' `render_jinja_template`, the public `apply_chat_template`), and with a tokenizer
+    saved with truncation switched on (the Rust tokenizer is then not called directly)."""
+    import entropo_trl.multiturn as multiturn
 
     tokenizer = build_tiny_tokenizer(family)
     rng = random.Random(3)
@@ -143,16 +144,30 @@ def test_fast_prefix_renders_and_backend_encoding_match_the_public_path(family, 
     plain = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
     assert fast[0] == list(plain) and sum(fast[1]) > 0
 
-    calls = []
+    used = []
+
+    def spy(name, make):
+        def wrapped(*args, **kwargs):
+            used.append(name)
+            return make(*args, **kwargs)
+
+        return wrapped
 
     def broken(*args, **kwargs):
-        calls.append(1)
+        used.append("broken")
         raise RuntimeError("simulated change in transformers' internals")
 
-    # `apply_chat_template` holds its own reference to the function, so only the direct prefix renders break
-    monkeypatch.setattr(ctu, "render_jinja_template", broken)
+    monkeypatch.setattr(multiturn, "_compiled_renderer", spy("compiled", multiturn._compiled_renderer))
+    assert assistant_token_mask(tokenizer, messages) == fast and used == ["compiled"]
+    used.clear()
+    monkeypatch.setattr(multiturn, "_compiled_renderer", broken)
+    monkeypatch.setattr(multiturn, "_jinja_renderer", spy("jinja", multiturn._jinja_renderer))
+    assert assistant_token_mask(tokenizer, messages) == fast and used == ["broken", "jinja"]
+    used.clear()
+    monkeypatch.setattr(multiturn, "_jinja_renderer", broken)
+    monkeypatch.setattr(multiturn, "_render", spy("public", multiturn._render))
     assert assistant_token_mask(tokenizer, messages) == fast
-    assert calls, "the direct renderer was not tried"
+    assert used[:3] == ["public", "broken", "broken"] and used.count("public") == 1 + 2 * 4  # full + 2 per turn
     monkeypatch.undo()
 
     tokenizer.backend_tokenizer.enable_truncation(max_length=16)
