@@ -45,6 +45,40 @@ def is_vision_example(example: dict[str, Any]) -> bool:
     return "image" in example or "images" in example
 
 
+def check_trainer_args(model, args, config_class, unsupported, trainer_name: str, train_dataset):
+    """The trainer's config: a default one named after the model when `args` is None (`Qwen3-4B-EntroDPO`), else
+    `args` checked to be a `config_class` with no unsupported TRL option; text-only datasets."""
+    from .dpo_config import reject_options
+
+    if args is None:
+        name = model if isinstance(model, str) else model.config._name_or_path
+        args = config_class(f"{str(name).split('/')[-1] or 'model'}-{trainer_name.removesuffix('Trainer')}")
+    elif not isinstance(args, config_class):
+        raise TypeError(f"`args` must be an {config_class.__name__}, got {type(args).__name__}")
+    reject_options(args, unsupported)
+    if train_dataset is not None and is_vision_example(next(iter(train_dataset))):
+        raise ValueError(f"{trainer_name} does not support vision datasets (rows with 'image' / 'images').")
+    return args
+
+
+class AssistantMaskMixin:
+    """What both EntroPO trainers add to TRL's dataset handling: multi-turn conversational rows carry assistant-only
+    masks in `mask_columns`, which the trainer must not drop as unused columns."""
+
+    mask_columns: tuple[str, ...] = ()
+
+    def _uses_assistant_masks(self, dataset, args) -> bool:
+        from trl.data_utils import is_conversational
+
+        first = next(iter(dataset))
+        return bool(getattr(args, "assistant_only", False)) and is_conversational(first)
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            super()._set_signature_columns_if_needed()
+            self._signature_columns = list(self._signature_columns) + list(self.mask_columns)
+
+
 def row_error(dataset_name: str, index: int, field: str, message: str) -> ValueError:
     return ValueError(f"{dataset_name} dataset, row {index}, field '{field}': {message}")
 

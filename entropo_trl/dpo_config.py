@@ -55,8 +55,17 @@ DPO_UNSUPPORTED = {
 }
 
 
+class EntroPOConfigMixin:
+    """What both EntroPO configs share beyond their fields."""
+
+    @property
+    def effective_alpha(self) -> float:
+        """α, with `None` resolved to β."""
+        return self.beta if self.alpha is None else float(self.alpha)
+
+
 @dataclass
-class EntroDPOConfig(DPOConfig):
+class EntroDPOConfig(EntroPOConfigMixin, DPOConfig):
     r"""
     Configuration class for [`EntroDPOTrainer`]: TRL's [`~trl.DPOConfig`] plus the EntroPO coefficients.
 
@@ -100,8 +109,3 @@ class EntroDPOConfig(DPOConfig):
         super().__post_init__()
         validate_alpha(self.alpha, self.beta)
         reject_options(self, DPO_UNSUPPORTED)
-
-    @property
-    def effective_alpha(self) -> float:
-        """α, with `None` resolved to β."""
-        return self.beta if self.alpha is None else float(self.alpha)

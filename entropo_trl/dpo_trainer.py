@@ -20,20 +20,21 @@ from accelerate.logging import get_logger
 from datasets import Dataset, IterableDataset
 from transformers import PreTrainedTokenizerBase
 from trl import DPOTrainer
-from trl.data_utils import common_prefix_length, extract_prompt, is_conversational
+from trl.data_utils import common_prefix_length, extract_prompt
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import global_then_local_main_first
 
 from ._common import (
     ENTROPO_PAPER,
+    AssistantMaskMixin,
     _masks_tensor,
     _shorter_than,
-    is_vision_example,
+    check_trainer_args,
     resolve_tokenizer,
     swapped_attributes,
     tokenize_row_completion,
 )
-from .dpo_config import DPO_UNSUPPORTED, EntroDPOConfig, reject_options
+from .dpo_config import DPO_UNSUPPORTED, EntroDPOConfig
 
 logger = get_logger(__name__)
 
@@ -68,7 +69,7 @@ def pad_to(mask: torch.Tensor, width: int) -> torch.Tensor:
     return mask
 
 
-class EntroDPOTrainer(DPOTrainer):
+class EntroDPOTrainer(AssistantMaskMixin, DPOTrainer):
     """EntroPO-DPO trainer: [`~trl.DPOTrainer`] with the entropy-enhanced loss of eq. (6) of the EntroPO paper.
 
         loss = −log σ(α·(logp(y+) − logp(y−)) − β·(ref(y+) − ref(y−)))
@@ -83,6 +84,7 @@ class EntroDPOTrainer(DPOTrainer):
     (`α·logp − β·ref`); `entropy` is the mean per-token policy entropy over the scored (assistant) tokens.
     """
 
+    mask_columns = MASK_COLUMNS
     _tag_names = ["trl", "dpo", "entropo"]
     _name = "EntroPO-DPO"
     _paper = ENTROPO_PAPER
@@ -102,14 +104,7 @@ class EntroDPOTrainer(DPOTrainer):
         quantization_config=None,
         peft_config=None,
     ):
-        if args is None:
-            name = model if isinstance(model, str) else model.config._name_or_path
-            args = EntroDPOConfig(f"{str(name).split('/')[-1] or 'model'}-EntroDPO")
-        elif not isinstance(args, EntroDPOConfig):
-            raise TypeError(f"`args` must be an EntroDPOConfig, got {type(args).__name__}")
-        reject_options(args, DPO_UNSUPPORTED)
-        if train_dataset is not None and is_vision_example(next(iter(train_dataset))):
-            raise ValueError("EntroDPOTrainer does not support vision datasets (rows with 'image' / 'images').")
+        args = check_trainer_args(model, args, EntroDPOConfig, DPO_UNSUPPORTED, "EntroDPOTrainer", train_dataset)
         processing_class = resolve_tokenizer(model, processing_class, args, "EntroDPOTrainer")
         if data_collator is None:
             data_collator = DataCollatorForMultiTurnPreference(
@@ -146,10 +141,6 @@ class EntroDPOTrainer(DPOTrainer):
     # ----------------------------------------------------------------------------------------------------------------
     # Dataset preparation: multi-turn conversational rows get assistant-only masks
     # ----------------------------------------------------------------------------------------------------------------
-
-    def _uses_assistant_masks(self, dataset, args) -> bool:
-        first = next(iter(dataset))
-        return bool(getattr(args, "assistant_only", False)) and is_conversational(first)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         if "prompt_ids" in next(iter(dataset)):
@@ -196,11 +187,6 @@ class EntroDPOTrainer(DPOTrainer):
                         f"max_length={args.max_length}: they have no completion token left to train on."
                     )
         return dataset
-
-    def _set_signature_columns_if_needed(self):
-        if self._signature_columns is None:
-            super()._set_signature_columns_if_needed()
-            self._signature_columns = list(self._signature_columns) + list(MASK_COLUMNS)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Loss: α in the sigmoid, reference log-probs scaled by β/α at use time, then TRL's own loss

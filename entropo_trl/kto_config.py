@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 
 from trl import KTOConfig
 
-from .dpo_config import reject_options, validate_alpha
+from .dpo_config import EntroPOConfigMixin, reject_options, validate_alpha
 from .losses import KTO_VARIANTS
 
 # TRL KTO options that change the loss away from EntroPO-KTO, or that the subclass cannot honour.
@@ -16,7 +16,7 @@ KTO_UNSUPPORTED = {
 
 
 @dataclass
-class EntroKTOConfig(KTOConfig):
+class EntroKTOConfig(EntroPOConfigMixin, KTOConfig):
     r"""
     Configuration class for [`EntroKTOTrainer`]: TRL's [`~trl.KTOConfig`] plus the EntroPO coefficients.
 
@@ -85,8 +85,3 @@ class EntroKTOConfig(KTOConfig):
         if not isinstance(self.z0_clamp, bool):
             raise ValueError(f"`z0_clamp` must be a bool, got {self.z0_clamp!r}")
         reject_options(self, KTO_UNSUPPORTED)
-
-    @property
-    def effective_alpha(self) -> float:
-        """α, with `None` resolved to β."""
-        return self.beta if self.alpha is None else float(self.alpha)

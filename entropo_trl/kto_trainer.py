@@ -22,21 +22,22 @@ from accelerate.logging import get_logger
 from datasets import Dataset, IterableDataset
 from transformers import PreTrainedTokenizerBase
 from trl import KTOTrainer
-from trl.data_utils import extract_prompt, is_conversational, unpair_preference_dataset
+from trl.data_utils import extract_prompt, unpair_preference_dataset
 from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference
 from trl.trainer.utils import global_then_local_main_first
 
 from ._common import (
     ENTROPO_PAPER,
+    AssistantMaskMixin,
     _masks_tensor,
     _shorter_than,
-    is_vision_example,
+    check_trainer_args,
     resolve_tokenizer,
     row_error,
     swapped_attributes,
     tokenize_row_completion,
 )
-from .kto_config import KTO_UNSUPPORTED, EntroKTOConfig, reject_options
+from .kto_config import KTO_UNSUPPORTED, EntroKTOConfig
 from .losses import entropo_kto_z0
 
 logger = get_logger(__name__)
@@ -63,7 +64,7 @@ class DataCollatorForMultiTurnUnpairedPreference(DataCollatorForUnpairedPreferen
         return output
 
 
-class EntroKTOTrainer(KTOTrainer):
+class EntroKTOTrainer(AssistantMaskMixin, KTOTrainer):
     """EntroPO-KTO trainer: [`~trl.KTOTrainer`] with the entropy-enhanced loss of eqs. (7-8) of the EntroPO paper.
 
     Log-probs are summed over the tokens of assistant turns only when `args.assistant_only` is set and the data is
@@ -78,6 +79,7 @@ class EntroKTOTrainer(KTOTrainer):
     `β·(logp − ref)` for the reference-code variant); `entropy` over the scored (assistant) tokens.
     """
 
+    mask_columns = MASK_COLUMNS
     _tag_names = ["trl", "kto", "entropo"]
     _name = "EntroPO-KTO"
     _paper = ENTROPO_PAPER
@@ -97,14 +99,7 @@ class EntroKTOTrainer(KTOTrainer):
         quantization_config=None,
         peft_config=None,
     ):
-        if args is None:
-            name = model if isinstance(model, str) else model.config._name_or_path
-            args = EntroKTOConfig(f"{str(name).split('/')[-1] or 'model'}-EntroKTO")
-        elif not isinstance(args, EntroKTOConfig):
-            raise TypeError(f"`args` must be an EntroKTOConfig, got {type(args).__name__}")
-        reject_options(args, KTO_UNSUPPORTED)
-        if train_dataset is not None and is_vision_example(next(iter(train_dataset))):
-            raise ValueError("EntroKTOTrainer does not support vision datasets (rows with 'image' / 'images').")
+        args = check_trainer_args(model, args, EntroKTOConfig, KTO_UNSUPPORTED, "EntroKTOTrainer", train_dataset)
         processing_class = resolve_tokenizer(model, processing_class, args, "EntroKTOTrainer")
         if data_collator is None:
             data_collator = DataCollatorForMultiTurnUnpairedPreference(
@@ -141,10 +136,6 @@ class EntroKTOTrainer(KTOTrainer):
     # ----------------------------------------------------------------------------------------------------------------
     # Dataset preparation: multi-turn conversational rows get assistant-only masks, KL samples included
     # ----------------------------------------------------------------------------------------------------------------
-
-    def _uses_assistant_masks(self, dataset, args) -> bool:
-        first = next(iter(dataset))
-        return bool(getattr(args, "assistant_only", False)) and is_conversational(first)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         if "prompt_ids" in next(iter(dataset)):
@@ -212,11 +203,6 @@ class EntroKTOTrainer(KTOTrainer):
                     f"{dataset_name} dataset: {num_desirable} desirable, {len(dataset) - num_desirable} undesirable rows"
                 )
         return dataset
-
-    def _set_signature_columns_if_needed(self):
-        if self._signature_columns is None:
-            super()._set_signature_columns_if_needed()
-            self._signature_columns = list(self._signature_columns) + list(MASK_COLUMNS)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Loss
