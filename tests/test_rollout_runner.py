@@ -238,3 +238,24 @@ def test_cli_with_a_local_transformers_model(toy_tasks, tmp_path, tokenizer, tin
         errors = ("No function call found", "missing its closing", "Unknown function", "has no name")
         assert any(e in t.messages[3]["content"] for e in errors), t.messages[3]["content"]
         assert t.metadata["completion_tokens"] > 0
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--base_url", "http://127.0.0.1:9/v1"], "--model is required"),
+        (["--base_url", "http://127.0.0.1:9/v1", "--model", "m", "--serve_transformers", "x"], "exactly one of"),
+        (["--base_url", "http://127.0.0.1:9/v1", "--model", "m", "--n", "0"], "must be >= 1"),
+        (
+            ["--base_url", "http://127.0.0.1:9/v1", "--model", "m", "--sandbox", "docker", "--sandbox_root", "/tmp"],
+            "local sandboxes only",
+        ),
+    ],
+)
+def test_cli_rejects_bad_options_before_starting_anything(tmp_path, capsys, extra, message):
+    from entropo_trl.rollout.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--tasks", str(tmp_path), "--pool", str(tmp_path / "pool.jsonl"), *extra])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "pool.jsonl").exists()

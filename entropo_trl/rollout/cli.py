@@ -57,8 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _run(args, base_url: str, model: str):
-    tasks = load_tasks(args.tasks)[: args.limit]
+def _config(args) -> RolloutConfig:
     sampling = SamplingParams(
         temperature=args.temperature,
         top_p=args.top_p,
@@ -67,7 +66,7 @@ async def _run(args, base_url: str, model: str):
         max_tokens=args.max_tokens,
         seed=args.seed,
     )
-    config = RolloutConfig(
+    return RolloutConfig(
         n=args.n,
         concurrency=args.concurrency,
         max_steps=args.max_steps,
@@ -80,6 +79,10 @@ async def _run(args, base_url: str, model: str):
         sandbox_root=args.sandbox_root,
         oracle=not args.no_oracle,
     )
+
+
+async def _run(args, config: RolloutConfig, base_url: str, model: str):
+    tasks = load_tasks(args.tasks)[: args.limit]
     async with ChatClient(
         base_url,
         model,
@@ -91,10 +94,17 @@ async def _run(args, base_url: str, model: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     sources = sum(x is not None for x in (args.base_url, args.serve_vllm, args.serve_transformers))
     if sources != 1:
-        raise SystemExit("give exactly one of --base_url, --serve_vllm MODEL, --serve_transformers PATH")
+        parser.error("give exactly one of --base_url, --serve_vllm MODEL, --serve_transformers PATH")
+    if args.base_url and not args.model:
+        parser.error("--model is required with --base_url")
+    try:
+        config = _config(args)
+    except ValueError as error:  # limits and options that do not fit together, before any server starts
+        parser.error(str(error))
     server = None
     try:
         if args.serve_vllm:
@@ -113,10 +123,8 @@ def main(argv: list[str] | None = None) -> int:
             server = serve_transformers(args.serve_transformers)
             base_url, model = server.base_url, args.model or args.serve_transformers
         else:
-            if not args.model:
-                raise SystemExit("--model is required with --base_url")
             base_url, model = args.base_url, args.model
-        summary = asyncio.run(_run(args, base_url, model))
+        summary = asyncio.run(_run(args, config, base_url, model))
     finally:
         if server is not None:
             server.stop()
