@@ -1,6 +1,7 @@
 """The async chat client against the local OpenAI-compatible servers, and the server helpers themselves."""
 
 import asyncio
+import gc
 import http.server
 import subprocess
 import sys
@@ -270,20 +271,93 @@ def test_concurrent_requests_are_served_in_parallel():
     assert elapsed < 1.2, f"32 requests of 50 ms took {elapsed:.2f} s: not served in parallel"
 
 
-def test_one_client_across_event_loops():
-    """A client kept between two `asyncio.run` calls opens a new connection pool for the new loop."""
-    client = ChatClient("http://unused", "m")
+def test_one_client_across_event_loops(caplog):
+    """A client kept between two `asyncio.run` calls gets a new connection pool and semaphore for the new loop; the
+    old pool was closed when its loop shut down."""
+    client = ChatClient("http://unused", "m", max_concurrency=1)
 
-    async def once(url):
+    async def twice(url):
         client.base_url, client.url = url, f"{url}/chat/completions"
-        return (await client.complete(USER)).text
+        results = await asyncio.gather(client.complete(USER), client.complete(USER))  # contend for the semaphore
+        return [r.text for r in results]
 
     with serve_scripted(echo) as server:
-        assert run(once(server.base_url)) == "echo: " + USER[0]["content"]
-        assert run(once(server.base_url)) == "echo: " + USER[0]["content"]  # the first loop is closed by now
+        assert run(twice(server.base_url)) == ["echo: " + USER[0]["content"]] * 2
+        first = client._state.session
+        assert run(twice(server.base_url)) == ["echo: " + USER[0]["content"]] * 2
+        assert first.closed and client._state.session is not first
         run(client.aclose())
         run(client.aclose())  # closing twice is fine
-    assert client.usage["requests"] == 2
+    gc.collect()
+    assert client.usage["requests"] == 4
+    assert not [r for r in caplog.records if "Unclosed" in r.getMessage()]
+
+
+def _recording_server(respond):
+    """A server on 127.0.0.1 that records each request's method and request target, and answers with
+    `respond(handler)`."""
+    seen = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _any(self):
+            seen.append((self.command, self.path))
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            respond(self)
+
+        do_GET = do_POST = _any  # noqa: N815
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}", seen
+
+
+def _ok(handler):
+    data = b'{"choices": [{"message": {"content": "ok"}, "finish_reason": "stop"}]}'
+    handler.send_response(200)
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
+def test_proxy_from_the_environment(monkeypatch):
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    server, root, seen = _recording_server(_ok)
+    try:
+        monkeypatch.setenv("http_proxy", root)
+        completion, _ = run(complete_once("http://llm.internal:8000/v1", max_retries=0))
+        assert completion.text == "ok" and seen == [("POST", "http://llm.internal:8000/v1/chat/completions")]
+        monkeypatch.setenv("no_proxy", "127.0.0.1")  # the server itself, reached directly
+        run(complete_once(f"{root}/v1", max_retries=0))
+        assert seen[-1] == ("POST", "/v1/chat/completions")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_redirect_is_an_error_not_a_get():
+    def redirect(handler):
+        handler.send_response(302)
+        handler.send_header("Location", "/elsewhere")
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+
+    server, root, seen = _recording_server(redirect)
+    try:
+        with pytest.raises(LLMError) as error:
+            run(complete_once(f"{root}/v1"))
+        assert error.value.status == 302 and seen == [("POST", "/v1/chat/completions")]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_api_key_with_a_line_break_is_refused():
+    with pytest.raises(ValueError, match="line break"):
+        ChatClient("http://127.0.0.1:9/v1", "m", api_key="sk-abc\n")
 
 
 def test_max_concurrency_limits_requests_in_flight():

@@ -4,7 +4,9 @@ answers, a real container)."""
 import os
 import shutil
 import subprocess
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -221,6 +223,61 @@ def test_later_sandboxes_copy_a_lean_prepared_checkout(repo, tmp_path):
     (repo / "NEW.md").write_text("new\n")  # a changed source gets a fresh template
     with LocalSandbox(repo, root=root) as third:
         assert third.read_file("NEW.md") == "new\n" and "NEW.md" not in third.diff()
+
+
+def test_relative_root(repo, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):  # the second copies the prepared checkout
+        with LocalSandbox(repo, root="boxes") as box:
+            assert Path(box.workdir).is_relative_to(tmp_path / "boxes")
+            box.write_file("pkg/core.py", "def add(a, b):\n    return a - b\n")
+            patch = box.diff()
+            assert "+    return a - b" in patch
+        with LocalSandbox(repo, root="boxes") as other:
+            assert other.apply_patch(patch).ok and "a - b" in other.read_file("pkg/core.py")
+    templates = list((tmp_path / "boxes").glob("entropo-sandbox-templates-*/*"))
+    assert len(templates) == 1
+
+
+def test_concurrent_first_sandboxes_make_one_template(repo, tmp_path):
+    root = tmp_path / "boxes"
+    root.mkdir()
+    barrier = threading.Barrier(6)
+
+    def make(_):
+        barrier.wait()
+        box = LocalSandbox(repo, root=root)
+        box.close()
+
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(make, range(6)))
+    assert len(list(root.glob("entropo-sandbox-templates-*/*"))) == 1
+    assert not [p for p in root.iterdir() if p.name.startswith("entropo-sandbox-") and "templates" not in p.name]
+
+
+def test_least_recently_used_templates_are_deleted(tmp_path, monkeypatch):
+    from collections import OrderedDict
+
+    from entropo_trl.rollout import sandbox as module
+
+    monkeypatch.setattr(module, "MAX_TEMPLATES", 2)
+    monkeypatch.setattr(module, "_TEMPLATES", OrderedDict())  # only this test's templates
+    root = tmp_path / "boxes"
+    root.mkdir()
+    sources = [make_repo(tmp_path / f"source{i}") for i in range(3)]
+    LocalSandbox(sources[0], root=root).close()
+    [first_key] = module._TEMPLATES
+    held = module._acquire_template(first_key)  # a copy of the first template is in progress
+    LocalSandbox(sources[1], root=root).close()
+    LocalSandbox(sources[2], root=root).close()  # a third template: the least recently used is evicted
+    assert first_key not in module._TEMPLATES and held.retired and len(module._TEMPLATES) == 2
+    assert os.path.isdir(held.path)  # kept while the copy runs
+    module._release_template(held)
+    assert not os.path.exists(held.path)
+    assert len(list(root.glob("entropo-sandbox-templates-*/*"))) == 2
+    with LocalSandbox(sources[0], root=root) as again:  # made again when needed
+        assert again.read_file("pkg/core.py").startswith("def add")
+    assert len(module._TEMPLATES) == 2 and len(list(root.glob("entropo-sandbox-templates-*/*"))) == 2
 
 
 def test_file_operations(sandbox):

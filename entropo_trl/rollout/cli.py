@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--sandbox_root",
         help="folder for the local sandboxes' private checkouts (default: the temporary directory; a tmpfs such as "
-        "/dev/shm is faster if memory allows one checkout per episode in flight)",
+        "/dev/shm is faster if memory allows one checkout per episode in flight, plus up to 8 prepared ones)",
     )
     parser.add_argument("--no_oracle", action="store_true", help="do not run the tests (reward stays 0)")
     parser.add_argument("--limit", type=int, help="only the first N tasks")

@@ -28,6 +28,9 @@ import os
 import random
 import ssl
 import time
+import urllib.parse
+import urllib.request
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +54,9 @@ TOKENS_PER_MESSAGE = 4
 
 MAX_BACKOFF = 60.0
 """Longest single wait between retries, in seconds."""
+
+MAX_HEADER_BYTES = 65_536
+"""Longest response header line or field accepted."""
 
 # phrases in an HTTP 400 body that mean "the prompt plus max_tokens is longer than the model's context"
 _CONTEXT_ERROR_MARKERS = (
@@ -144,10 +150,31 @@ def _snippet(text: str, limit: int = 500) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _drop(session: aiohttp.ClientSession) -> None:
-    """Forget a session whose event loop has ended (a client reused by a second `asyncio.run` without `aclose`).
-    Its sockets belong to the dead loop and cannot be closed through it; they are freed with the connector."""
-    session.detach()
+@dataclass
+class _LoopState:
+    loop: asyncio.AbstractEventLoop
+    session: aiohttp.ClientSession
+    semaphore: asyncio.Semaphore | None
+    closer: AsyncGenerator[None, None]
+    proxy: str | None
+
+
+async def _close_at_loop_shutdown(session: aiohttp.ClientSession) -> AsyncGenerator[None, None]:
+    """Started once and left suspended: the event loop closes unfinished async generators when it shuts down (as
+    `asyncio.run` does), which closes the session while its loop still runs."""
+    try:
+        yield
+    finally:
+        await session.close()
+
+
+def _env_proxy(url: str) -> str | None:
+    """The proxy the environment sets for `url` (`http_proxy` / `https_proxy`, unless `no_proxy` matches)."""
+    parts = urllib.parse.urlsplit(url)
+    proxies = urllib.request.getproxies()
+    if parts.scheme not in proxies or urllib.request.proxy_bypass(parts.hostname or ""):
+        return None
+    return proxies[parts.scheme]
 
 
 @dataclass
@@ -210,53 +237,62 @@ class ChatClient:
         self.url = f"{self.base_url}/chat/completions"
         self.model = model
         self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY") or None
+        if self.api_key is not None and any(c in self.api_key for c in "\r\n"):
+            raise ValueError("the API key contains a line break (check OPENAI_API_KEY or api_key)")
         self.timeout = timeout
         self.max_retries = max_retries
         self.backoff = backoff
         self.max_context_tokens = max_context_tokens
         self.max_concurrency = max_concurrency
         self.usage: dict[str, int] = {"prompt_tokens": 0, "completion_tokens": 0, "requests": 0, "retries": 0}
-        self._semaphore = asyncio.Semaphore(max_concurrency) if max_concurrency is not None else None
-        self._session: aiohttp.ClientSession | None = None
-        self._session_loop: asyncio.AbstractEventLoop | None = None
+        self._state: _LoopState | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------------------------
 
-    def _session_for_this_loop(self) -> aiohttp.ClientSession:
-        # One aiohttp session (its connection pool hands out idle keep-alive connections in constant time), created
-        # on first use so that it binds to the running event loop; a client reused under a new loop (a second
-        # `asyncio.run`) gets a new session.
+    async def _loop_state(self) -> _LoopState:
+        # One aiohttp session (its pool hands out idle keep-alive connections in constant time) and one concurrency
+        # semaphore per event loop, made on first use so that they bind to the running loop. A client reused by a
+        # second `asyncio.run` gets new ones; the old session was closed when its loop shut down.
         loop = asyncio.get_running_loop()
-        session = self._session
-        if session is not None and not session.closed:
-            if self._session_loop is loop:
-                return session
-            _drop(session)
+        state = self._state
+        if state is not None and state.loop is loop and not state.session.closed:
+            return state
+        if state is not None and not state.session.closed:  # its loop ended without closing async generators
+            state.session.detach()
         ssl_context: ssl.SSLContext | bool = True
         if self.base_url.startswith("https:"):  # loading the CA bundle is slow: only for https
             ssl_context = ssl.create_default_context(cafile=certifi.where())
-        self._session = aiohttp.ClientSession(
+        session = aiohttp.ClientSession(
             headers={"Authorization": f"Bearer {self.api_key}"} if self.api_key else None,
             timeout=aiohttp.ClientTimeout(total=None, connect=self.timeout, sock_read=self.timeout),
             connector=aiohttp.TCPConnector(limit=0, ssl=ssl_context),
+            max_line_size=MAX_HEADER_BYTES,
+            max_field_size=MAX_HEADER_BYTES,
         )
-        self._session_loop = loop
-        return self._session
+        closer = _close_at_loop_shutdown(session)
+        await closer.__anext__()
+        semaphore = asyncio.Semaphore(self.max_concurrency) if self.max_concurrency is not None else None
+        # the environment's proxy for this endpoint (http(s)_proxy, no_proxy), looked up once: aiohttp's `trust_env`
+        # would look it up again on every request, which more than doubles the client's CPU per request
+        self._state = _LoopState(loop, session, semaphore, closer, _env_proxy(self.url))
+        return self._state
 
-    async def _post(self, payload: bytes, headers: dict[str, str]) -> _Response:
-        session = self._session_for_this_loop()
-        async with session.post(self.url, data=payload, headers=headers) as response:
+    async def _post(self, state: _LoopState, payload: bytes, headers: dict[str, str]) -> _Response:
+        # no redirects: a redirected POST would come back as a GET without its body
+        async with state.session.post(
+            self.url, data=payload, headers=headers, allow_redirects=False, proxy=state.proxy
+        ) as response:
             return _Response(response.status, response.headers, await response.read())
 
     async def aclose(self) -> None:
         """Close the underlying HTTP connections (the client can be used again afterwards)."""
-        session, self._session = self._session, None
-        if session is None or session.closed:
+        state, self._state = self._state, None
+        if state is None or state.session.closed:
             return
-        if self._session_loop is asyncio.get_running_loop():
-            await session.close()
-        else:  # left over from an earlier `asyncio.run`, whose loop is gone
-            _drop(session)
+        if state.loop is asyncio.get_running_loop():
+            await state.closer.aclose()  # closes the session
+        else:  # its loop ended without closing async generators
+            state.session.detach()
 
     async def __aenter__(self) -> ChatClient:
         return self
@@ -323,12 +359,13 @@ class ChatClient:
             failure: str
             start = time.perf_counter()
             try:
-                if self._semaphore is not None:
-                    async with self._semaphore:
+                state = await self._loop_state()
+                if state.semaphore is not None:
+                    async with state.semaphore:
                         start = time.perf_counter()
-                        response = await self._post(payload, headers)
+                        response = await self._post(state, payload, headers)
                 else:
-                    response = await self._post(payload, headers)
+                    response = await self._post(state, payload, headers)
             except (aiohttp.ClientError, asyncio.TimeoutError) as error:  # refused/reset, timeouts, protocol errors
                 failure = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
             else:

@@ -47,7 +47,8 @@ class RolloutConfig:
     source: str | None = None  # recorded as the trajectories' source; default: the client's model name
     sandbox: str = "local"  # "local" or "docker"
     # where local sandboxes make their private copies (None: the system's temporary directory). A tmpfs such as
-    # /dev/shm makes copying and deleting checkouts much cheaper, at the cost of memory (one checkout per episode).
+    # /dev/shm makes copying and deleting checkouts much cheaper, at the cost of memory: one checkout per episode in
+    # flight, plus up to `sandbox.MAX_TEMPLATES` prepared ones.
     sandbox_root: str | None = None
     oracle: bool = True  # label each trajectory by running its tests
     oracle_timeout: float = 900.0

@@ -31,6 +31,7 @@ import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -337,6 +338,9 @@ class LocalSandbox(Sandbox):
         source = Path(repo).resolve()
         if not source.is_dir():
             raise SandboxError(f"repository folder not found: {source}")
+        if root is not None:  # absolute: paths under it are handed to git and cp running in other folders
+            root = os.path.abspath(root)
+            os.makedirs(root, exist_ok=True)
         self._groups: set[int] = set()
         self._owner_pid = os.getpid()
         self._root = tempfile.mkdtemp(prefix="entropo-sandbox-", dir=root)
@@ -344,17 +348,19 @@ class LocalSandbox(Sandbox):
         try:
             copy = Path(self._root) / (source.name or "repo")
             self._env = {**os.environ, **COMMAND_ENV}
-            key = (str(source), base_commit, _fingerprint(source))
-            with _TEMPLATES_LOCK:
-                template = _TEMPLATES.get(key)
-            if template is not None and os.path.isdir(template[0]):
+            key = (str(source), base_commit, _fingerprint(source), root)
+            template = _acquire_template(key)
+            if template is not None:
                 # N episodes of one task: copy the checkout prepared for the first (`.git` included) with one `cp`
                 # instead of copying the source and running git to set it up again
-                result, _ = run_process(["cp", "-a", template[0], str(copy)], timeout=600, env=self._env)
+                try:
+                    result, _ = run_process(["cp", "-a", template.path, str(copy)], timeout=600, env=self._env)
+                finally:
+                    _release_template(template)
                 if not result.ok:
                     raise SandboxError(f"could not copy the prepared checkout: {result.stderr.strip()}")
                 self.workdir = os.path.realpath(copy)
-                self.base_commit = template[1]
+                self.base_commit = template.base_commit
             else:
                 shutil.copytree(source, copy, symlinks=True)
                 _detach_linked_git(copy, base_commit)
@@ -453,10 +459,47 @@ class LocalSandbox(Sandbox):
         shutil.rmtree(self._root, ignore_errors=True)
 
 
-# Prepared checkouts by (source folder, base commit, fingerprint of the source tree); removed at exit.
-_TEMPLATES: dict[tuple, tuple[str, str]] = {}
+MAX_TEMPLATES = 8
+"""Prepared checkouts kept at once, for the sources used most recently; an older one is deleted when no copy of it is
+in progress. With a tmpfs `root` they take memory beside the sandboxes' own checkouts."""
+
+
+@dataclass
+class _Template:
+    path: str
+    base_commit: str
+    users: int = 0  # copies in progress
+    retired: bool = False  # evicted: deleted when the last copy in progress ends
+
+
+# Prepared checkouts by (source folder, base commit, fingerprint of the source tree, sandbox root), least recently
+# used first; all are removed at exit.
+_TEMPLATES: OrderedDict[tuple, _Template] = OrderedDict()
+_TEMPLATES_BUILDING: set[tuple] = set()
 _TEMPLATES_LOCK = threading.Lock()
-_TEMPLATES_ROOTS: dict[str | Path | None, str] = {}  # sandbox root -> the folder of its templates
+_TEMPLATES_ROOTS: dict[str | None, str] = {}  # sandbox root -> the folder of its templates
+
+
+def _acquire_template(key: tuple) -> _Template | None:
+    """The prepared checkout for `key`, held for copying until [`_release_template`]; None if there is none."""
+    with _TEMPLATES_LOCK:
+        template = _TEMPLATES.get(key)
+        if template is None:
+            return None
+        if not os.path.isdir(template.path):  # removed behind our back (a temporary-files cleaner)
+            del _TEMPLATES[key]
+            return None
+        template.users += 1
+        _TEMPLATES.move_to_end(key)
+        return template
+
+
+def _release_template(template: _Template) -> None:
+    with _TEMPLATES_LOCK:
+        template.users -= 1
+        doomed = template.retired and template.users == 0
+    if doomed:
+        shutil.rmtree(template.path, ignore_errors=True)
 
 
 def _fingerprint(source: Path) -> tuple[int, int]:
@@ -469,14 +512,14 @@ def _fingerprint(source: Path) -> tuple[int, int]:
     return latest, count
 
 
-def _remember_template(
-    key: tuple, checkout: str, base_commit: str, env: dict[str, str], root: str | Path | None
-) -> None:
+def _remember_template(key: tuple, checkout: str, base_commit: str, env: dict[str, str], root: str | None) -> None:
     """Keep a copy of a freshly prepared checkout (in a folder beside the sandboxes, under `root`) for the next
-    sandbox of the same source (best effort)."""
+    sandbox of the same source (best effort). Only one sandbox of a source makes it; the least recently used
+    templates beyond `MAX_TEMPLATES` are deleted."""
     with _TEMPLATES_LOCK:
-        if key in _TEMPLATES:
+        if key in _TEMPLATES or key in _TEMPLATES_BUILDING:
             return
+        _TEMPLATES_BUILDING.add(key)
         folder = _TEMPLATES_ROOTS.get(root)
         if folder is None:
             folder = _TEMPLATES_ROOTS[root] = tempfile.mkdtemp(prefix="entropo-sandbox-templates-", dir=root)
@@ -489,17 +532,24 @@ def _remember_template(
         f"git config core.checkStat minimal && cp -a . {shlex.quote(target)} && cd {shlex.quote(target)} && "
         "rm -f .git/hooks/*.sample && git repack -d -q"
     )
-    result, _ = run_process(
-        ["bash", "-c", script],
-        timeout=600,
-        cwd=checkout,
-        env=env,
-    )
-    with _TEMPLATES_LOCK:
-        if result.ok:
-            _TEMPLATES.setdefault(key, (target, base_commit))
-        else:
-            shutil.rmtree(target, ignore_errors=True)
+    result = None
+    try:
+        result, _ = run_process(["bash", "-c", script], timeout=600, cwd=checkout, env=env)
+    finally:
+        doomed = []
+        with _TEMPLATES_LOCK:
+            _TEMPLATES_BUILDING.discard(key)
+            if result is not None and result.ok:
+                _TEMPLATES[key] = _Template(target, base_commit)
+                while len(_TEMPLATES) > MAX_TEMPLATES:
+                    _, old = _TEMPLATES.popitem(last=False)
+                    old.retired = True
+                    if old.users == 0:
+                        doomed.append(old.path)
+            else:
+                doomed.append(target)
+        for path in doomed:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _detach_linked_git(copy: Path, base_commit: str | None) -> None:
