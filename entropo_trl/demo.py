@@ -160,6 +160,8 @@ def run_demo(
     from .trajectory import read_trajectories
 
     pool_path = workdir / "pool.jsonl"
+    # local sandboxes live in the demo's folder: what an interrupted run leaves behind is removed with it
+    sandbox_root = str(workdir / "sandboxes") if sandbox == "local" else None
     if _done(workdir / "rollouts.done"):
         _say("3/6 rollouts", f"done before, {pool_path}")
     else:
@@ -169,7 +171,10 @@ def run_demo(
             if teacher_url:
                 async with ChatClient(teacher_url, teacher_model or "teacher") as client:
                     results["teacher"] = await run_rollouts(
-                        tasks, client, pool_path, RolloutConfig(n=samples, concurrency=4, sandbox=sandbox)
+                        tasks,
+                        client,
+                        pool_path,
+                        RolloutConfig(n=samples, concurrency=4, sandbox=sandbox, sandbox_root=sandbox_root),
                     )
             else:
                 with serve_scripted(scripted_teacher(tasks), model_name="scripted-teacher") as teacher:
@@ -178,7 +183,9 @@ def run_demo(
                             tasks,
                             client,
                             pool_path,
-                            RolloutConfig(n=samples, concurrency=4, max_steps=8, sandbox=sandbox),
+                            RolloutConfig(
+                                n=samples, concurrency=4, max_steps=8, sandbox=sandbox, sandbox_root=sandbox_root
+                            ),
                         )
             with serve_transformers(str(model_dir), model_name="tiny-student") as student:
                 async with ChatClient(student.base_url, "tiny-student", max_context_tokens=1_000_000) as client:
@@ -187,7 +194,14 @@ def run_demo(
                         tasks,
                         client,
                         pool_path,
-                        RolloutConfig(n=samples, concurrency=2, max_steps=2, sampling=sampling, sandbox=sandbox),
+                        RolloutConfig(
+                            n=samples,
+                            concurrency=2,
+                            max_steps=2,
+                            sampling=sampling,
+                            sandbox=sandbox,
+                            sandbox_root=sandbox_root,
+                        ),
                     )
             return results
 

@@ -155,6 +155,8 @@ def test_sigkill_and_restart_five_times_gives_exactly_the_pool(toy_tasks, tmp_pa
             "3",
             "--max_steps",
             "8",
+            "--sandbox_root",  # what a killed runner leaves behind stays in the test's folder
+            str(tmp_path / "sandboxes"),
         ]
         env = {**os.environ, "TQDM_DISABLE": "1"}
         for _ in range(5):
