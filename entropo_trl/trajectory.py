@@ -320,8 +320,12 @@ _R2E_METADATA = (
 )
 _R2E_LOGS = ("test_output", "regression_test_output", "custom_test_outputs")
 _DS_METADATA = ("repo", "base_commit", "version", "FAIL_TO_PASS", "PASS_TO_PASS", "environment_setup_commit")
-_STATUS_LINE = re.compile(r"^(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\s+(\S+)", re.MULTILINE)
-_VERBOSE_LINE = re.compile(r"^(\S+::\S+)\s+(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)", re.MULTILINE)
+# A test id is `path::name`, with `[parameters]` that may hold spaces; in the `-rA` summary a failure's message follows
+# after " - ".
+_TEST_ID = r"[^\s\[]+(?:\[.*?\])?"
+_STATUSES = r"PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS"
+_STATUS_LINE = re.compile(rf"^({_STATUSES})\s+({_TEST_ID})(?:\s+-\s.*)?[ \t]*\r?$", re.MULTILINE)
+_VERBOSE_LINE = re.compile(rf"^([^\s\[]+::{_TEST_ID})\s+({_STATUSES})\b", re.MULTILINE)
 
 
 def parse_pytest_statuses(output: str) -> dict[str, str]:

@@ -120,6 +120,22 @@ def test_rerun_skips_finished_episodes(toy_tasks, tmp_path):
         assert len(prompts) == 1 and "/testbed" in next(iter(prompts))
 
 
+def test_prompt_size_comes_from_the_servers_count(toy_tasks, tmp_path, monkeypatch):
+    """After the first step the client is told the prompt's size (the server's last count plus an estimate of the new
+    observation) instead of estimating the whole conversation from its characters."""
+    hints = []
+    complete = ChatClient.complete
+
+    async def spy(self, messages, sampling=None, *, prompt_tokens_hint=None, extra_body=None):
+        hints.append(prompt_tokens_hint)
+        return await complete(self, messages, sampling, prompt_tokens_hint=prompt_tokens_hint, extra_body=extra_body)
+
+    monkeypatch.setattr(ChatClient, "complete", spy)
+    _run(toy_tasks[:1], looper, tmp_path / "pool.jsonl", max_steps=3)
+    assert hints[0] is None and all(isinstance(h, int) for h in hints[1:]) and len(hints) == 3
+    assert 0 < hints[1] < hints[2]
+
+
 def test_sandbox_root_holds_the_local_checkouts(toy_tasks, tmp_path):
     root = tmp_path / "boxes"
     root.mkdir()

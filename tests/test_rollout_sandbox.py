@@ -11,7 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from entropo_trl.rollout.sandbox import CommandResult, DockerSandbox, LocalSandbox, SandboxError
+from entropo_trl.rollout.sandbox import (
+    SWEBENCH_SETUP,
+    CommandResult,
+    DockerSandbox,
+    LocalSandbox,
+    SandboxError,
+    default_docker_setup,
+)
 
 
 def make_repo(path: Path, git: bool = False) -> Path:
@@ -310,9 +317,10 @@ def test_non_git_folder_with_linked_git_file(tmp_path):
 def test_docker_command_lines():
     box = DockerSandbox("img:1", workdir="/testbed", docker="podman", run_args=["--network", "none"], name="ep1")
     assert box.start_command() == [
-        "podman", "run", "-d", "--rm", "--name", "ep1", "--network", "none", "-w", "/testbed", "img:1",
-        "sleep", "infinity",
+        "podman", "run", "-d", "--rm", "--name", "ep1", "--label", "entropo.sandbox=1", "--network", "none",
+        "-w", "/testbed", "img:1", "sleep", "86400",
     ]  # fmt: skip
+    assert DockerSandbox("img", lifetime=90.5).start_command()[-2:] == ["sleep", "91"]  # a leaked container ends
     argv = box.exec_command("ls -la", timeout=12.5)
     assert argv[:2] == ["podman", "exec"] and "-i" not in argv
     assert argv[argv.index("-w") + 1] == "/testbed"
@@ -322,6 +330,11 @@ def test_docker_command_lines():
     assert "-i" in box.exec_command("cat", stdin=True)
     assert box.stop_command() == ["podman", "rm", "-f", "ep1"]
     assert DockerSandbox("img").name.startswith("entropo-")
+    # SWE-bench images activate their environment only in ~/.bashrc: the setup line runs before each command
+    swebench = "swebench/sweb.eval.x86_64.django_1776_django-11099:latest"
+    assert default_docker_setup(swebench) == SWEBENCH_SETUP and default_docker_setup("img:1") is None
+    set_up = DockerSandbox(swebench, setup=SWEBENCH_SETUP, name="ep2").exec_command("python -V", timeout=5)
+    assert set_up[-3:] == ["bash", "-c", SWEBENCH_SETUP + "\npython -V"]
     assert box.resolve("src/x.py") == "/testbed/src/x.py" and box.resolve("/etc/hosts") == "/etc/hosts"
 
 

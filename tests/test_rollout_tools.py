@@ -2,6 +2,7 @@
 
 import json
 import os
+import sys
 
 import pytest
 
@@ -252,6 +253,28 @@ def test_execute_bash_long_output_is_clipped(box, state):
     assert len(observation) <= MAX_OBSERVATION_CHARS
     assert "<response clipped>" in observation
     assert "\n1\n2\n3\n" in observation and "100000" in observation and "failure" in observation
+
+
+def test_execute_bash_keeps_the_real_end_of_a_huge_output(box, state):
+    """Past the sandbox's own cap (1M characters) the head and the tail are kept, so the end of a long test run (its
+    summary) still reaches the model."""
+    observation = call(box, state, "execute_bash", cmd="seq 1 400000; echo THE_REAL_END").observation
+    stdout = observation.split("[STDERR]")[0]
+    assert len(observation) <= MAX_OBSERVATION_CHARS and stdout.rstrip().endswith("400000\nTHE_REAL_END")
+    assert "\n1\n2\n3\n" in observation
+
+
+def test_bad_input_becomes_an_error_observation(box, state):
+    assert call(box, state, "execute_bash", cmd="echo a\x00b").observation.startswith("ERROR:")  # NUL byte
+    created = edit(box, state, command="create", path=path(box, "s.txt"), file_text="lone \ud800 surrogate")
+    assert created.startswith("ERROR:")
+    huge = edit(box, state, command="view", path=path(box, "pkg/core.py"), view_range="[1, " + "9" * 5000 + "]")
+    assert huge.startswith("ERROR:")
+
+
+def test_commands_use_the_running_python(box, state):
+    observation = call(box, state, "execute_bash", cmd="command -v python").observation
+    assert os.path.dirname(sys.executable) + "/python" in observation
 
 
 # ---------------------------------------------------------------------------------------------------------- search

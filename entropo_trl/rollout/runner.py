@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from ..trajectory import ReadStats, Trajectory, read_trajectories, write_trajectories
-from .client import ChatClient, ContextLimitExceeded, LLMError, SamplingParams
+from .client import ChatClient, ContextLimitExceeded, LLMError, SamplingParams, estimate_prompt_tokens
 from .oracle import evaluate_patch
-from .sandbox import DockerSandbox, LocalSandbox, Sandbox
+from .sandbox import DockerSandbox, LocalSandbox, Sandbox, default_docker_setup
 from .scaffold import SYSTEM_PROMPT, instance_prompt, parse_action, with_steps_remaining
 from .tasks import Task
 from .tools import ToolState, execute
@@ -72,7 +72,9 @@ def default_sandbox_factory(backend: str = "local", root: str | None = None) -> 
         if backend == "docker":
             if not task.image:
                 raise ValueError(f"task {task.instance_id} has no Docker image")
-            sandbox = DockerSandbox(task.image)
+            sandbox = DockerSandbox(
+                task.image, setup=task.metadata.get("docker_setup") or default_docker_setup(task.image)
+            )
             sandbox.start()
             return sandbox
         if not task.repo_path:
@@ -111,10 +113,11 @@ async def run_episode(
     state, exit_reason, finished = ToolState(), "max_step_limit", False
     sampling = replace(config.sampling, max_tokens=min(config.sampling.max_tokens, config.max_tokens_per_call))
     usage = {"prompt_tokens": 0, "completion_tokens": 0}
+    hint = None  # the prompt's size from the server's last count, plus an estimate of what came after it
     try:
         for step in range(config.max_steps):
             try:
-                completion = await client.complete(messages, sampling)
+                completion = await client.complete(messages, sampling, prompt_tokens_hint=hint)
             except ContextLimitExceeded:
                 exit_reason = "token_limit"
                 break
@@ -130,9 +133,13 @@ async def run_episode(
             if result.done:
                 exit_reason, finished = "agent", True
                 break
-            messages.append(
-                {"role": "user", "content": with_steps_remaining(result.observation, config.max_steps - step - 1)}
-            )
+            observation = {
+                "role": "user",
+                "content": with_steps_remaining(result.observation, config.max_steps - step - 1),
+            }
+            messages.append(observation)
+            if completion.prompt_tokens > 0:
+                hint = completion.prompt_tokens + completion.completion_tokens + estimate_prompt_tokens([observation])
             if time.monotonic() - start > config.max_episode_seconds:
                 exit_reason = "traj_time_limit"
                 break

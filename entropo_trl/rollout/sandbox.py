@@ -26,6 +26,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -85,13 +86,15 @@ class Sandbox(ABC):
 
     workdir: str
     base_commit: str
+    # a folder for the library's own files (e.g. the oracle's evaluation script), outside the checkout
+    scratch_dir: str = "/tmp"
 
     @abstractmethod
     def run(
         self, command: str, timeout: float = DEFAULT_TIMEOUT, max_output: int = DEFAULT_MAX_OUTPUT
     ) -> CommandResult:
         """Run `bash -c command` in `workdir`, killed after `timeout` seconds; each stream is capped at `max_output`
-        characters (the head is kept, with a note of how much was dropped)."""
+        characters (its head and tail are kept, with a note of how much was dropped between them)."""
 
     @abstractmethod
     def read_file(self, path: str) -> str:
@@ -161,15 +164,27 @@ def _diff_script(base_commit: str) -> str:
 # ----------------------------------------------------------------------------------------------------- processes
 
 
-def _decode_capped(data: bytes, total_bytes: int, max_output: int) -> str:
-    """Decode captured bytes, keep the first `max_output` characters, and say how much was dropped."""
-    text = data.decode("utf-8", errors="replace")
-    dropped_chars = max(0, len(text) - max_output)
-    dropped_bytes = total_bytes - len(data)
-    if not dropped_chars and not dropped_bytes:
-        return text
-    note = f"{dropped_chars} characters" if not dropped_bytes else f"about {dropped_chars + dropped_bytes} characters"
-    return text[:max_output] + f"\n[... output truncated: {note} dropped ...]"
+def _decode_capped(capture: _Capture, max_output: int) -> str:
+    """Decode a captured stream; past `max_output` characters keep its head and its tail (where a test run prints its
+    summary), with a note of how much was dropped between them."""
+    head, tail = bytes(capture.data), bytes(capture.tail)
+    dropped_bytes = capture.total - len(head) - len(tail)
+    if not dropped_bytes:
+        text = (head + tail).decode("utf-8", errors="replace")
+        if len(text) <= max_output:
+            return text
+        head_text, tail_text = text, text
+    else:
+        head_text = head.decode("utf-8", errors="replace")
+        tail_text = tail.decode("utf-8", errors="replace")
+    keep_head = max_output // 2
+    keep_tail = max_output - keep_head
+    kept_head, kept_tail = head_text[:keep_head], tail_text[len(tail_text) - keep_tail :] if keep_tail else ""
+    if not dropped_bytes:
+        note = f"{len(head_text) - keep_head - keep_tail} characters"
+    else:
+        note = f"about {len(head_text) - len(kept_head) + dropped_bytes + len(tail_text) - len(kept_tail)} characters"
+    return kept_head + f"\n[... output truncated: {note} dropped ...]\n" + kept_tail
 
 
 def _kill_group(pgid: int) -> None:
@@ -188,11 +203,12 @@ def _group_alive(pgid: int) -> bool:
 
 
 class _Capture:
-    """Bytes read from one pipe: the first `limit` are kept, the rest only counted."""
+    """Bytes read from one pipe: the first `limit` and the last `limit` are kept, the rest only counted."""
 
     def __init__(self, limit: int):
         self.limit = limit
-        self.data = bytearray()
+        self.data = bytearray()  # the head
+        self.tail = bytearray()  # what came after the head, its last `limit` bytes
         self.total = 0
 
     def add(self, chunk: bytes) -> None:
@@ -200,6 +216,11 @@ class _Capture:
         room = self.limit - len(self.data)
         if room > 0:
             self.data += chunk[:room]
+            chunk = chunk[room:]
+        if chunk:
+            self.tail += chunk
+            if len(self.tail) > self.limit:
+                del self.tail[: len(self.tail) - self.limit]
 
 
 def run_process(
@@ -246,8 +267,8 @@ def run_process(
     out, err = captures[proc.stdout], captures[proc.stderr]
     result = CommandResult(
         exit_code=-1 if timed_out else exit_code,
-        stdout=_decode_capped(bytes(out.data), out.total, max_output),
-        stderr=_decode_capped(bytes(err.data), err.total, max_output),
+        stdout=_decode_capped(out, max_output),
+        stderr=_decode_capped(err, max_output),
         timed_out=timed_out,
         duration=time.monotonic() - start,
     )
@@ -322,6 +343,17 @@ def _drain(captures: dict, deadline: float) -> None:
 # ------------------------------------------------------------------------------------------------------- local
 
 
+def _local_env() -> dict[str, str]:
+    """The environment of local commands: this process's, with `COMMAND_ENV`, and the folder of the running Python
+    first on PATH, so that `python` and `pytest` are the interpreter (and virtual environment) running the library,
+    activated or not."""
+    env = {**os.environ, **COMMAND_ENV}
+    here = os.path.dirname(sys.executable)
+    parts = [p for p in env.get("PATH", "").split(os.pathsep) if p and p != here]
+    env["PATH"] = os.pathsep.join([here, *parts])
+    return env
+
+
 class LocalSandbox(Sandbox):
     """A private copy of `repo` in a fresh temporary directory; commands run there with `bash -c`.
 
@@ -344,10 +376,11 @@ class LocalSandbox(Sandbox):
         self._groups: set[int] = set()
         self._owner_pid = os.getpid()
         self._root = tempfile.mkdtemp(prefix="entropo-sandbox-", dir=root)
+        self.scratch_dir = self._root
         self._closed = False
         try:
             copy = Path(self._root) / (source.name or "repo")
-            self._env = {**os.environ, **COMMAND_ENV}
+            self._env = _local_env()
             key = (str(source), base_commit, _fingerprint(source), root)
             template = _acquire_template(key)
             if template is not None:
@@ -581,6 +614,16 @@ def _walk(directory: str, prefix: str, depth: int, entries: list[str]) -> None:
 # ------------------------------------------------------------------------------------------------------ docker
 
 
+SWEBENCH_SETUP = "source /opt/miniconda3/bin/activate && conda activate testbed"
+"""What the SWE-bench images' `~/.bashrc` does: activate the conda environment the repository is installed in."""
+
+
+def default_docker_setup(image: str | None) -> str | None:
+    """The setup line for an image: [`SWEBENCH_SETUP`] for SWE-bench harness images (`swebench/sweb.eval.*`), else
+    nothing."""
+    return SWEBENCH_SETUP if image and "sweb.eval." in image else None
+
+
 class DockerSandbox(Sandbox):
     """One container per episode, started from `image` with the repository at `workdir`.
 
@@ -588,7 +631,12 @@ class DockerSandbox(Sandbox):
     whole process group at the time limit. [`start`] (or entering the context) starts the container and records
     `HEAD` as the base commit (a workdir that is not a git repository is made one); [`close`] removes it.
 
-    `run_args` go to `docker run` unchanged (e.g. `["--network", "none", "--memory", "8g"]`).
+    `run_args` go to `docker run` unchanged (e.g. `["--network", "none", "--memory", "8g"]`). `setup` runs before
+    every command in the same shell, e.g. [`SWEBENCH_SETUP`] for SWE-bench images, whose
+    environment is activated only by `~/.bashrc`, which `bash -c` does not read ([`default_docker_setup`]).
+    Containers carry the label `entropo.sandbox` and stop by themselves after `lifetime` seconds, so a runner killed
+    without cleaning up leaves none running for long (`docker rm -f $(docker ps -q -f label=entropo.sandbox)` removes
+    them at once).
     """
 
     # Extra seconds the host waits for `docker exec` beyond the command's own limit.
@@ -601,8 +649,12 @@ class DockerSandbox(Sandbox):
         docker: str = "docker",
         run_args: Sequence[str] = (),
         name: str | None = None,
+        setup: str | None = None,
+        lifetime: float = 86_400.0,
     ):
         self.image = image
+        self.setup = setup
+        self.lifetime = lifetime
         self.workdir = posixpath.normpath(workdir)
         self.docker = docker
         self.run_args = list(run_args)
@@ -621,12 +673,14 @@ class DockerSandbox(Sandbox):
             "--rm",
             "--name",
             self.name,
+            "--label",
+            "entropo.sandbox=1",
             *self.run_args,
             "-w",
             self.workdir,
             self.image,
             "sleep",
-            "infinity",
+            str(max(1, math.ceil(self.lifetime))),
         ]
 
     def exec_command(self, command: str, timeout: float | None = None, stdin: bool = False) -> list[str]:
@@ -637,6 +691,8 @@ class DockerSandbox(Sandbox):
         argv.append(self.name)
         if timeout is not None:
             argv += ["timeout", "-s", "KILL", str(max(1, math.ceil(timeout)))]
+        if self.setup:
+            command = f"{self.setup}\n{command}"
         return [*argv, "bash", "-c", command]
 
     def stop_command(self) -> list[str]:

@@ -80,6 +80,8 @@ def execute(action: Action, sandbox: Sandbox, state: ToolState, timeout: float =
         observation = f"ERROR: {error}"
     except UnicodeDecodeError as error:
         observation = f"ERROR: the file is not UTF-8 text ({error.reason}); use execute_bash to inspect it."
+    except (ValueError, UnicodeError) as error:  # e.g. a NUL byte in a command, an unencodable character
+        observation = f"ERROR: {error}"
     except OSError as error:
         observation = f"ERROR: {error}"
     return ToolResult(clip(observation))
