@@ -178,7 +178,7 @@ def _view(sandbox: Sandbox, path: str, view_range: str | None, concise: bool | N
         skeleton = _skeleton(content, lines)
         if skeleton is not None:
             return (
-                f"Here is a concise view of {path}: class and function bodies are elided (marked ...). To see "
+                f"Here is a concise view of {path}: function bodies are elided (marked ...). To see "
                 "the full content of some lines, use view with a view_range, e.g. [100, 150], and concise=false.\n"
                 f"{skeleton}\n"
             )
