@@ -19,6 +19,7 @@ unfinished last line (an append cut short by a killed writer, so never a record)
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import logging
 import math
@@ -574,8 +575,11 @@ def _is_json(raw: bytes) -> bool:
 
 
 def _repair_tail(path: Path) -> None:
-    """Cut a partial last line left by a writer killed mid-record (SIGKILL can stop a large write part-way; so can a
-    crash below the process), so the next record starts on a line of its own. The cut is logged, with its size."""
+    """Make the next record start on a line of its own. A last line without its newline is either a record complete
+    but for the newline (written by another tool: the newline is added) or an append that a killed writer never
+    finished (SIGKILL can stop a large write part-way; so can a crash below the process: it is cut off, and the cut
+    is logged with its size). Call with the pool locked, so that the tail is not another writer's record in
+    progress."""
     size = path.stat().st_size
     if size == 0:
         return
@@ -596,6 +600,11 @@ def _repair_tail(path: Path) -> None:
             position = start
         else:
             keep = 0
+        handle.seek(keep)
+        if _is_json(handle.read()):
+            handle.seek(size)
+            handle.write(b"\n")
+            return
         handle.truncate(keep)
     logger.warning(f"{path}: removed a partial last record ({size - keep} bytes) left by an interrupted writer")
 
@@ -605,17 +614,19 @@ def write_trajectories(
 ) -> int:
     """Append records to a JSONL pool; returns how many were written.
 
-    Each record is serialised completely first and written with a single `write` on a file opened in append mode, so
-    concurrent appenders do not interleave, and a record counts only once its final newline is written: a writer
+    Each record is serialised completely first and written on a file opened in append mode and locked (`flock`) for
+    the call, so concurrent appenders do not interleave, and a record counts only once its final newline is written: a writer
     killed part-way through a large write leaves an unfinished last line, which readers skip (counted, logged) and the
     next append cuts off before writing. `fsync=True` also forces each record to disk."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():
-        _repair_tail(path)
     count = 0
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
+        # One writer at a time (other processes appending to the same pool wait): the tail repair must not take
+        # another writer's record in progress for a killed writer's leftover.
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        _repair_tail(path)
         for record in records:
             if not isinstance(record, Trajectory):
                 record = from_entropo(record)  # validates a plain dict before it reaches the pool

@@ -144,6 +144,41 @@ def test_partial_tail_is_cut_before_appending(tmp_path, caplog):
     assert [t.instance_id for t in read_trajectories(pool)] == ["a", "b"]
 
 
+def test_a_complete_last_record_without_its_newline_is_kept(tmp_path):
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text(json.dumps(traj("a").to_dict()))  # written by another tool, no final newline
+    assert [t.instance_id for t in read_trajectories(pool)] == ["a"]
+    write_trajectories(pool, [traj("b")])
+    assert [t.instance_id for t in read_trajectories(pool)] == ["a", "b"]
+
+
+CONCURRENT_WRITER = """
+import sys
+from entropo_trl.trajectory import Trajectory, write_trajectories
+big = "x" * 3_000_000
+for i in range(6):
+    write_trajectories(sys.argv[1], [Trajectory(instance_id=f"big{i}", reward=1.0, messages=[
+        {"role": "system", "content": "s"}, {"role": "user", "content": big},
+        {"role": "assistant", "content": "<function=finish>\\n</function>"}])])
+"""
+
+
+def test_concurrent_writers_lose_nothing(tmp_path):
+    """A writer's tail repair must not cut another process's record that is still being written."""
+    pool = tmp_path / "pool.jsonl"
+    process = subprocess.Popen([sys.executable, "-c", CONCURRENT_WRITER, str(pool)])
+    small = 0
+    while process.poll() is None or small < 20:
+        write_trajectories(pool, [traj(f"small{small}")])
+        small += 1
+    assert process.wait() == 0
+    stats = ReadStats()
+    ids = [t.instance_id for t in read_trajectories(pool, stats=stats)]
+    assert stats.num_skipped == 0
+    assert sorted(i for i in ids if i.startswith("big")) == [f"big{i}" for i in range(6)]
+    assert sum(i.startswith("small") for i in ids) == small
+
+
 WRITER = """
 import sys
 from entropo_trl.trajectory import Trajectory, write_trajectories
