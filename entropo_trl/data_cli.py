@@ -154,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
                 "counted by reason",
             )
             sub.add_argument("--source", help="override the trajectories' source (model / run name)")
+            sub.add_argument(
+                "--keep_hints",
+                action="store_true",
+                help="keep a reference-patch hint (<gt_patch>...</gt_patch>, appended to the issue by the EntroPO "
+                "authors' R2E-Gym fork) in the prompts; by default it is removed and counted",
+            )
             sub.add_argument("--tokenizer", help="tokenizer (Hub id or folder) for token budgets and lengths")
             sub.add_argument(
                 "--max_tokens",
@@ -211,7 +217,9 @@ def main(argv: list[str] | None = None) -> int:
 
     tokenizer = _load_tokenizer(args.tokenizer)
     read = ReadStats()
-    trajectories = read_trajectories(args.input, args.format, on_error=args.on_error, stats=read, source=args.source)
+    trajectories = read_trajectories(
+        args.input, args.format, on_error=args.on_error, stats=read, source=args.source, keep_hints=args.keep_hints
+    )
     finished_only = not args.include_unfinished
     if args.command == "sft":
         rows: Rows = build_sft_rows(

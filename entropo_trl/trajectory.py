@@ -450,6 +450,7 @@ class ReadStats:
     read: int = 0
     skipped: Counter = field(default_factory=Counter)
     examples: dict[str, str] = field(default_factory=dict)  # reason -> first error message
+    hints_removed: int = 0  # records whose prompt held the reference patch (see `strip_reference_patch_hint`)
 
     @property
     def num_skipped(self) -> int:
@@ -465,7 +466,33 @@ class ReadStats:
             text += ": " + "; ".join(
                 f"{n} {reason} (first: {self.examples[reason]})" for reason, n in self.skipped.most_common()
             )
+        if self.hints_removed:
+            text += f"; the reference patch (<gt_patch> hint) removed from {self.hints_removed} prompts"
         return text
+
+
+# The EntroPO authors' R2E-Gym fork can append the instance's reference patch to the issue prompt as a hint:
+# "Additional information:\nThis is a patch for this question:\n<gt_patch>...</gt_patch>\nYou can infer this answer,
+# only if you stuck ...". At test time there is no such patch, and a verifier must not see the answer.
+_GT_PATCH_HINT = re.compile(
+    r"\n*(?:Additional information:\s*)?(?:This is a patch for this question:\s*)?<gt_patch>.*?</gt_patch>"
+    r"(?:[ \t]*\n?You can infer this answer[^\n]*)?",
+    re.DOTALL,
+)
+
+
+def strip_reference_patch_hint(trajectory: Trajectory) -> bool:
+    """Remove a `<gt_patch>` reference-patch hint from the trajectory's user messages (in place); whether there was
+    one. Marks the trajectory with `metadata["reference_patch_hint_removed"] = True`."""
+    found = False
+    for message in trajectory.messages:
+        content = message.get("content")
+        if message.get("role") == "user" and isinstance(content, str) and "<gt_patch>" in content:
+            message["content"] = _GT_PATCH_HINT.sub("\n", content)
+            found = True
+    if found:
+        trajectory.metadata["reference_patch_hint_removed"] = True
+    return found
 
 
 def _paths(path_or_paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
@@ -504,6 +531,7 @@ def read_trajectories(
     source: str | None = None,
     default_reward: float = 1.0,
     keep_logs: bool = False,
+    keep_hints: bool = False,
 ) -> Iterator[Trajectory]:
     """Stream [`Trajectory`] records from one or more JSONL pools, one line in memory at a time.
 
@@ -516,6 +544,10 @@ def read_trajectories(
         source: overrides the records' `source` (e.g. the model name for SWE-smith files).
         default_reward: reward of SWE-smith records that carry none (their released files hold resolved runs).
         keep_logs: keep R2E-Gym's raw test logs in `metadata` (large).
+        keep_hints: keep a reference-patch hint (`<gt_patch>...</gt_patch>`, which the EntroPO authors' R2E-Gym fork
+            can append to the issue) in the prompts. By default it is removed (it would teach the policy to expect the
+            answer in its prompt, and give it to a verifier), counted in `stats.hints_removed` and marked in
+            `metadata["reference_patch_hint_removed"]`.
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
@@ -560,6 +592,8 @@ def read_trajectories(
                     file_format = detected  # later lines must follow the first record's layout
                 if source is not None:
                     trajectory.source = source
+                if not keep_hints and strip_reference_patch_hint(trajectory):
+                    stats.hints_removed += 1
                 stats.read += 1
                 yield trajectory
         if stats.num_skipped > skipped_before:

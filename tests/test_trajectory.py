@@ -94,6 +94,10 @@ def test_r2egym_fixture_parses_with_real_prompts():
         assert system["role"] == "system" and system["content"] == original["agent_args"]["system_prompt"]
         assert system["content"].startswith("You are a programming agent")
         assert issue["role"] == "user" and original["problem_statement"].strip()[:200] in issue["content"]
+        # the authors' fork appended the reference patch to the issue as a hint: removed from the prompt
+        assert "<gt_patch>" in original["history"][1]["content"] and "gt_patch" not in issue["content"]
+        assert issue["content"].rstrip().endswith("Steps Remaining: 80")
+        assert record.metadata["reference_patch_hint_removed"]
         assert record.metadata["docker_image"] == original["docker_image"]
         assert "test_output" not in record.metadata  # raw logs only with keep_logs=True
     assert "test_output" in next(read_trajectories(path, keep_logs=True)).metadata
@@ -366,3 +370,27 @@ def test_reading_streams(tmp_path):
     stream = read_trajectories(pool)
     assert next(stream).instance_id == "i0"  # records arrive before the bad line is reached
     assert next(stream).instance_id == "i1"
+
+
+def test_reference_patch_hints_are_removed_from_prompts(tmp_path):
+    issue = (
+        "<github_issue>\nparse() fails\n</github_issue>\n\nAdditional information:\nThis is a patch for this question:\n"
+        "<gt_patch>diff --git a/p.py b/p.py\n-    return 1\n+    return 2\n</gt_patch>\nYou can infer this answer, only if "
+        "you stuck in your response and don't have any other information to go on. Otherwise, you should not use "
+        "this information.\nSteps Remaining: 80"
+    )
+    hinted = traj("h")
+    hinted.messages[1]["content"] = issue
+    pool = tmp_path / "pool.jsonl"
+    write_trajectories(pool, [hinted, traj("plain")])
+    stats = ReadStats()
+    cleaned, plain = read_trajectories(pool, stats=stats)
+    prompt = cleaned.messages[1]["content"]
+    assert "gt_patch" not in prompt and "return 2" not in prompt and "You can infer" not in prompt
+    assert prompt.startswith("<github_issue>\nparse() fails\n</github_issue>") and prompt.endswith(
+        "Steps Remaining: 80"
+    )
+    assert cleaned.metadata["reference_patch_hint_removed"] and "reference_patch_hint_removed" not in plain.metadata
+    assert stats.hints_removed == 1 and "removed from 1 prompts" in stats.summary()
+    [kept, _] = read_trajectories(pool, keep_hints=True)
+    assert kept.messages[1]["content"] == issue
