@@ -13,7 +13,9 @@ many rows were built and how many trajectories were skipped, by reason. Nothing 
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import random
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator
@@ -108,7 +110,19 @@ def _usable(trajectory: Trajectory, stats: BuildStats, finished_only: bool) -> b
     if finished_only and not trajectory.finished:
         stats.skipped["not finished"] += 1
         return False
+    if any(m.get("tool_calls") for m in trajectory.messages):
+        # the rows keep text only: structured calls would turn into empty assistant turns
+        stats.skipped["structured tool_calls (only text calls, as the R2E scaffold writes them, are supported)"] += 1
+        return False
     return True
+
+
+def _stable_key(trajectory: Trajectory) -> str:
+    """An order-independent identity: the episode id, else a hash of the conversation and patch."""
+    if trajectory.episode_id:
+        return trajectory.episode_id
+    content = json.dumps([trajectory.messages, trajectory.patch], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(content.encode("utf-8")).hexdigest()
 
 
 def _strip(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -215,6 +229,7 @@ def build_dpo_pairs(
                 matching.append((chosen, rejected))
             if policy == "all" and max_pairs_per_instance is not None and len(matching) > max_pairs_per_instance:
                 rng = random.Random(f"{seed}/{instance_id}")  # per instance: independent of the pool's order
+                matching.sort(key=lambda pair: (_stable_key(pair[0]), _stable_key(pair[1])))
                 matching = rng.sample(matching, max_pairs_per_instance)
                 stats.extra["pairs_capped"] = stats.extra.get("pairs_capped", 0) + 1
             for chosen, rejected in matching:

@@ -276,6 +276,10 @@ def from_entropo(record: dict[str, Any]) -> Trajectory:
     num_steps = record.get("num_steps")
     if num_steps is None:
         num_steps = sum(m["role"] == "assistant" for m in messages)
+    elif isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 0:
+        raise TrajectoryFormatError(
+            f"expected a non-negative integer, got {num_steps!r}", field="num_steps", reason="invalid num_steps"
+        )
     regression = record.get("regression_pass_count")
     if regression is not None and (isinstance(regression, bool) or not isinstance(regression, int)):
         raise TrajectoryFormatError(

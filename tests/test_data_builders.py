@@ -83,6 +83,18 @@ def test_dpo_all_policy_counts_cap_and_determinism():
     assert key(build_dpo_pairs(pool(), "all", 2, seed=0)) == key(pairs)  # same seed, same pairs
     seeds = {tuple(key(build_dpo_pairs(pool(), "all", 2, seed=s))) for s in range(8)}
     assert len(seeds) > 1  # the seed matters: A has 4 candidate pairs for 2 slots
+    for s in range(8):  # and the pool's order does not: the same instances' pairs from a reversed pool
+        forward = build_dpo_pairs(pool(), "all", 2, seed=s)
+        backward = build_dpo_pairs(list(reversed(pool())), "all", 2, seed=s)
+        assert sorted(key(forward)) == sorted(key(backward))
+
+
+def test_structured_tool_calls_are_a_counted_skip():
+    calls = traj("T", reward=1.0)
+    calls.messages[2] = {"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "x"}}]}
+    rows = build_sft_rows([calls, traj("U", reward=1.0)])
+    assert [r["instance_id"] for r in rows] == ["U"]
+    assert sum(n for reason, n in rows.stats.skipped.items() if "tool_calls" in reason) == 1
 
 
 def test_dpo_rejects_bad_arguments():

@@ -272,6 +272,7 @@ MALFORMED = {
     "no user message": (_entropo(messages=[MESSAGES[0], MESSAGES[2]]), "messages", "no user turn"),
     "NaN reward": (_entropo(reward=math.nan), "reward", "invalid reward"),
     "string reward": (_entropo(reward="1"), "reward", "invalid reward"),
+    "string num_steps": (_entropo(num_steps="three"), "num_steps", "invalid num_steps"),
     "missing reward": (_entropo(reward=_DELETE), "reward", "missing reward"),
     "null reward": (_entropo(reward=None), "reward", "missing reward"),
     "empty instance_id": (_entropo(instance_id=""), "instance_id", "invalid instance_id"),
