@@ -53,8 +53,10 @@ def write_rows(
     push_to_hub: str | None,
     tokenizer=None,
     description: str = "writing",
+    measure: bool = True,
 ) -> dict[str, Any]:
-    """Stream rows to `output` (`.jsonl` / `.json` file, or a `datasets` folder) and/or the Hub; returns lengths."""
+    """Stream rows to `output` (`.jsonl` / `.json` file, or a `datasets` folder) and/or the Hub; returns lengths
+    (of builder rows, when `measure`)."""
     if output is None and push_to_hub is None:
         raise SystemExit("nothing to do: give --output PATH and/or --push_to_hub REPO")
     lengths: list[int] = []
@@ -71,12 +73,13 @@ def write_rows(
     with open(partial, "w", encoding="utf-8") as handle:
         for row in _progress(rows, description):
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-            messages = row_messages(row)
-            lengths.append(
-                count_tokens(tokenizer, messages)
-                if tokenizer is not None
-                else sum(len(m["content"]) for m in messages)
-            )
+            if measure:
+                messages = row_messages(row)
+                lengths.append(
+                    count_tokens(tokenizer, messages)
+                    if tokenizer is not None
+                    else sum(len(m["content"]) for m in messages)
+                )
             count += 1
     if jsonl_target:
         os.replace(partial, output)  # the finished file appears at once; an interrupted run leaves only .partial
@@ -200,14 +203,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("sharegpt-export", "sharegpt-import"):
         rows = list(_read_json_rows(args.input))
         converted = list(export_sharegpt(rows) if args.command == "sharegpt-export" else import_sharegpt(rows))
-        if args.command == "sharegpt-export" and args.output and args.output.endswith(".json"):
+        exported = args.command == "sharegpt-export"  # ShareGPT rows have no builder messages to measure
+        if exported and args.output and args.output.endswith(".json"):  # LLaMA-Factory reads a JSON array
             Path(args.output).parent.mkdir(parents=True, exist_ok=True)
             Path(args.output).write_text(json.dumps(converted, ensure_ascii=False, indent=1), encoding="utf-8")
             written = {"rows": len(converted), "lengths": [], "unit": "characters"}
+            if args.push_to_hub:
+                write_rows(converted, None, args.push_to_hub, description=args.command, measure=False)
         else:
-            written = write_rows(converted, args.output, args.push_to_hub, description=args.command)
-        if args.command == "sharegpt-export" and args.name and args.output:
-            kind = "dpo" if rows and "chosen" in rows[0] else "kto" if rows and "label" in rows[0] else "sft"
+            written = write_rows(
+                converted, args.output, args.push_to_hub, description=args.command, measure=not exported
+            )
+        if exported and args.name and args.output:
+            first = converted[0] if converted else {}
+            kind = "dpo" if "chosen" in first else "kto" if "kto_tag" in first else "sft"
             info = Path(args.output).parent / "dataset_info.json"
             entries = json.loads(info.read_text()) if info.exists() else {}
             entries.update(sharegpt_dataset_info(args.name, Path(args.output).name, kind))

@@ -11,6 +11,7 @@ Prints the resolve rate of the choices when the pool carries rewards, and how of
 
 import os
 import sys
+from pathlib import Path
 
 # `python eval/select.py` puts eval/ first on sys.path, where this file would shadow the standard library's `select`
 # module (used by asyncio and subprocess): take that entry out before importing anything else.
@@ -83,7 +84,11 @@ def main(argv=None) -> int:
         print(f"verifier: scored {sum(s is not None for s in scores)} of {len(scores)} trajectories")
     pool = group_by_instance(trajectories)
     selections = {instance: selector.select(group) for instance, group in pool.items()}
-    write_trajectories(args.output, [s.trajectory for s in selections.values()])
+    # a fresh file each run (a pool appends, and a rerun must not mix two selections)
+    partial = Path(str(args.output) + ".partial")
+    partial.unlink(missing_ok=True)
+    write_trajectories(partial, [s.trajectory for s in selections.values()])
+    os.replace(partial, args.output)
     fallbacks = Counter(stage for s in selections.values() for stage, _, fell in s.trace if fell)
     resolved = sum(s.trajectory.passed for s in selections.values())
     print(f"selector: {' -> '.join(selector.config.stages)} (steps: {selector.config.steps})")

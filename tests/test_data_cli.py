@@ -82,6 +82,22 @@ def test_sharegpt_export_import_round_trip_through_the_cli(pool_file, tmp_path):
     assert back.read_text() == pairs.read_text()
 
 
+def test_sharegpt_export_to_jsonl_and_the_hub_and_verifier_rows(pool_file, tmp_path, monkeypatch):
+    pushed = []
+    monkeypatch.setattr(datasets.Dataset, "push_to_hub", lambda self, repo, **kw: pushed.append((repo, len(self))))
+    verifier = tmp_path / "v.jsonl"
+    main(["verifier", "--input", str(pool_file), "--output", str(verifier), "--on_error", "skip"])
+    as_jsonl = tmp_path / "lf" / "v.jsonl"  # ShareGPT rows streamed as JSON lines (no builder lengths to measure)
+    main(["sharegpt-export", "--input", str(verifier), "--output", str(as_jsonl)])
+    assert len(as_jsonl.read_text().splitlines()) == 15
+    as_json = tmp_path / "lf" / "v.json"
+    main(["sharegpt-export", "--input", str(verifier), "--output", str(as_json), "--name", "judge", "--push_to_hub",
+          "me/judge"])  # fmt: skip
+    assert pushed == [("me/judge", 15)] and len(json.loads(as_json.read_text())) == 15
+    info = json.loads((tmp_path / "lf" / "dataset_info.json").read_text())
+    assert "kto_tag" not in json.dumps(info["judge"])  # verifier rows are conversations, not KTO rows
+
+
 def test_verifier_rows_and_missing_output(pool_file, tmp_path):
     main(["verifier", "--input", str(pool_file), "--output", str(tmp_path / "v.jsonl"), "--on_error", "skip"])
     rows = [json.loads(line) for line in (tmp_path / "v.jsonl").read_text().splitlines()]

@@ -65,6 +65,10 @@ def test_select_cli_writes_one_choice_per_instance(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     [chosen] = list(read_trajectories(tmp_path / "sel.jsonl"))
     assert chosen.num_steps == 6 and "fell back: {'verifier': 1}" in result.stdout
+    rerun = subprocess.run(result.args, capture_output=True, text=True, timeout=120)
+    assert (
+        rerun.returncode == 0 and len(list(read_trajectories(tmp_path / "sel.jsonl"))) == 1
+    )  # replaced, not appended
     result = subprocess.run(
         [
             sys.executable,
