@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from jinja2 import TemplateError
+
 from .trajectory import Trajectory
 from .truncation import TruncationError, TruncationReport, truncate_trajectory
 
@@ -80,6 +82,9 @@ class _Budget:
             out, report = truncate_trajectory(messages, self.tokenizer, self.max_tokens)
         except TruncationError:
             stats.skipped["does not fit max_tokens"] += 1
+            return None
+        except TemplateError as error:  # the tokenizer's chat template refuses the conversation (e.g. its roles)
+            stats.skipped[f"chat template error: {str(error)[:80]}"] += 1
             return None
         self._count(report, stats)
         return out

@@ -184,7 +184,8 @@ def truncate_trajectory(
     report.shortened_observations = sorted(shortened)
 
     # 2. drop whole middle turns: units [assistant_k, observations...] before the final assistant turn, nearest the
-    #    middle first; the first unit after the prompt goes last.
+    #    middle first. The first unit after the prompt is kept: without it the issue would be followed by another
+    #    user message (the marker), and templates that require alternating roles refuse that.
     if total > max_tokens:
         starts = [i for i in assistant if i < last_assistant]
         units = [(start, (starts[k + 1] if k + 1 < len(starts) else last_assistant)) for k, start in enumerate(starts)]
@@ -192,7 +193,7 @@ def truncate_trajectory(
             sum(_content_tokens(tokenizer, out[j]["content"] or "") + 4 for j in range(a, b)) for a, b in units
         ]
         middle = (len(units) - 1) / 2
-        order = sorted(range(len(units)), key=lambda k: (k == 0, abs(k - middle), k))
+        order = sorted(range(1, len(units)), key=lambda k: (abs(k - middle), k))
         dropped: set[int] = set()
         estimate = total
         for k in order:

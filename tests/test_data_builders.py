@@ -240,3 +240,14 @@ def test_unlabelled_trajectories_are_skipped_counted():
     rows = build_kto_rows([unlabelled, traj("L", 1.0)])
     assert [r["instance_id"] for r in rows] == ["L"]
     assert rows.stats.skipped == {"unlabelled (no test oracle ran)": 1}
+
+
+def test_a_conversation_the_chat_template_refuses_is_a_counted_skip():
+    from entropo_trl.testing import build_tiny_tokenizer
+
+    gemma = build_tiny_tokenizer("gemma3")  # its template raises unless user / assistant roles alternate
+    odd = traj("O", reward=1.0)
+    odd.messages.insert(2, {"role": "user", "content": "a second user message in a row"})
+    rows = build_sft_rows([odd, traj("E", reward=1.0)], tokenizer=gemma, max_tokens=100_000)
+    assert [r["instance_id"] for r in rows] == ["E"]
+    assert sum(n for reason, n in rows.stats.skipped.items() if reason.startswith("chat template error")) == 1

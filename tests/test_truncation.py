@@ -79,12 +79,20 @@ def test_real_trajectory_fits_and_keeps_its_end(tokenizer):
         assert report.cut_tokens == total - count_tokens(tokenizer, out)
 
 
-def test_the_issue_is_never_changed_even_when_the_first_turn_goes(tokenizer):
+def test_the_issue_is_never_changed_and_roles_keep_alternating(tokenizer):
+    """At every budget: the system prompt and issue are untouched, the first action is kept (dropping it would put
+    the omission marker right after the issue: two user messages in a row, which Gemma's template refuses), and the
+    roles alternate; or the trajectory does not fit and says so."""
     messages = traj("T", 1.0, turns=4).messages
+    fitted = 0
     for budget in range(60, count_tokens(tokenizer, messages)):
         try:
             out, report = truncate_trajectory(messages, tokenizer, budget)
         except TruncationError:
             continue
-        assert out[:2] == messages[:2], budget  # system prompt and issue untouched
+        fitted += 1
+        assert out[:3] == messages[:3], budget  # system prompt, issue and the first action untouched
         assert out[-1] == messages[-1] and count_tokens(tokenizer, out) <= budget
+        roles = [m["role"] for m in out[1:]]
+        assert all(a != b for a, b in zip(roles, roles[1:])), (budget, roles)
+    assert fitted > 0
