@@ -281,8 +281,9 @@ async def score_with_endpoint(
 def score_with_model(
     trajectories: Sequence[Trajectory], model, tokenizer, *, max_tokens: int | None = 60_000, assign: bool = True
 ) -> list[float | None]:
-    """Verifier p(YES) from a local transformers model: the judge prompt, the generation prompt and `<judgement>`,
-    then one forward pass; p(YES) / (p(YES) + p(NO)) over the first tokens of "YES" and "NO"."""
+    """Verifier p(YES) from a local transformers model: the judge prompt and an assistant turn opened with
+    `<judgement>` (as the chat template renders it in training), then one forward pass; p(YES) / (p(YES) + p(NO))
+    over the first tokens of "YES" and "NO"."""
     import torch
 
     yes = tokenizer("YES", add_special_tokens=False)["input_ids"][0]
@@ -294,7 +295,11 @@ def score_with_model(
         except ValueError:
             scores.append(None)
             continue
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + JUDGEMENT_OPEN
+        # the judgement opened as an assistant turn, rendered the way the verifier saw it in training (templates such
+        # as GLM-4.5's put `<think></think>` before an assistant's answer, which a bare generation prompt lacks)
+        text = tokenizer.apply_chat_template(
+            [*messages, {"role": "assistant", "content": JUDGEMENT_OPEN}], tokenize=False, continue_final_message=True
+        )
         ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(model.device)
         with torch.no_grad():
             logits = model(ids).logits[0, -1].float()

@@ -200,6 +200,38 @@ def test_local_model_scores_are_probabilities(tokenizer, tiny_model_dir):
     assert all(0.0 < s < 1.0 for s in scores) and trajectories[0].verifier_prob == scores[0]
 
 
+@pytest.mark.parametrize("family", ["qwen3", "glm4moe"])
+def test_local_scores_read_where_the_verifier_was_trained(family):
+    """The scored text is the training rendering of the judge conversation cut right after `<judgement>`: for GLM-4.5
+    that includes the `<think></think>` its template puts before an assistant's answer."""
+    import types
+
+    import torch
+
+    from entropo_trl.data import verifier_prompt
+    from entropo_trl.testing import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer(family)
+    seen = []
+
+    class Model:
+        device = torch.device("cpu")
+
+        def __call__(self, ids):
+            seen.append(ids[0].tolist())
+            return types.SimpleNamespace(logits=torch.zeros(1, ids.shape[1], len(tokenizer)))
+
+    trajectory = traj("a", 1.0)
+    [score] = score_with_model([trajectory], Model(), tokenizer)
+    assert score == pytest.approx(0.5)  # equal logits
+    messages, _ = verifier_prompt(trajectory, tokenizer, 60_000)
+    trained = tokenizer.apply_chat_template(
+        [*messages, {"role": "assistant", "content": "<judgement>YES</judgement>"}], tokenize=False
+    )
+    scored = tokenizer.decode(seen[0])
+    assert scored.endswith("<judgement>") and trained.startswith(scored)
+
+
 def test_judgement_probability_adds_up_spellings():
     import math
 
