@@ -17,6 +17,7 @@ import asyncio
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -107,6 +108,7 @@ def concurrency_part(episodes: int, steps: int, delay: float, roots: list[str | 
     finally:
         server.kill()
         server.wait()
+        shutil.rmtree(workdir, ignore_errors=True)
     return results
 
 
@@ -133,6 +135,7 @@ def overhead_part(calls: int) -> dict:
             start = time.perf_counter()
             subprocess.run(["bash", "-c", "true"], cwd=sandbox.workdir, capture_output=True)
             direct_times.append(time.perf_counter() - start)
+    shutil.rmtree(workdir, ignore_errors=True)
     sandbox_median, direct_median = statistics.median(sandbox_times), statistics.median(direct_times)
     return {
         "calls": calls,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -70,28 +71,32 @@ def write_rows(
         workdir = tempfile.mkdtemp(prefix="entropo-data-")
         partial = Path(workdir) / "rows.jsonl"
     count = 0
-    with open(partial, "w", encoding="utf-8") as handle:
-        for row in _progress(rows, description):
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-            if measure:
-                messages = row_messages(row)
-                lengths.append(
-                    count_tokens(tokenizer, messages)
-                    if tokenizer is not None
-                    else sum(len(m["content"]) for m in messages)
-                )
-            count += 1
-    if jsonl_target:
-        os.replace(partial, output)  # the finished file appears at once; an interrupted run leaves only .partial
-    if not jsonl_target or push_to_hub:
-        from datasets import Dataset
+    try:
+        with open(partial, "w", encoding="utf-8") as handle:
+            for row in _progress(rows, description):
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+                if measure:
+                    messages = row_messages(row)
+                    lengths.append(
+                        count_tokens(tokenizer, messages)
+                        if tokenizer is not None
+                        else sum(len(m["content"]) for m in messages)
+                    )
+                count += 1
+        if jsonl_target:
+            os.replace(partial, output)  # the finished file appears at once; an interrupted run leaves only .partial
+        if not jsonl_target or push_to_hub:
+            from datasets import Dataset
 
-        source = output if jsonl_target else str(partial)
-        dataset = Dataset.from_json(source) if count else Dataset.from_list([])
-        if output is not None and not jsonl_target:
-            dataset.save_to_disk(output)
-        if push_to_hub:
-            dataset.push_to_hub(push_to_hub)
+            source = output if jsonl_target else str(partial)
+            dataset = Dataset.from_json(source) if count else Dataset.from_list([])
+            if output is not None and not jsonl_target:
+                dataset.save_to_disk(output)
+            if push_to_hub:
+                dataset.push_to_hub(push_to_hub)
+    finally:
+        if workdir is not None:  # the staging file of a dataset folder or a push
+            shutil.rmtree(workdir, ignore_errors=True)
     return {"rows": count, "lengths": lengths, "unit": "tokens" if tokenizer is not None else "characters"}
 
 

@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import datasets
@@ -22,7 +23,10 @@ def pool_file(tmp_path):
     return path
 
 
-def test_kto_to_a_datasets_folder_with_summary(pool_file, tmp_path, capsys):
+def test_kto_to_a_datasets_folder_with_summary(pool_file, tmp_path, capsys, monkeypatch):
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(staging))  # where the rows are staged before save_to_disk
     with pytest.raises(Exception, match="line 18"):
         main(["kto", "--input", str(pool_file), "--output", str(tmp_path / "kto")])
     assert main(["kto", "--input", str(pool_file), "--output", str(tmp_path / "kto"), "--on_error", "skip"]) == 0
@@ -33,6 +37,7 @@ def test_kto_to_a_datasets_folder_with_summary(pool_file, tmp_path, capsys):
     assert "17 trajectories read, 1 lines skipped: 1 invalid JSON" in out
     assert "1 not finished" in out and "1 no assistant turn" in out
     assert "class_weights" in out and "rows written: 15" in out and "characters per row" in out
+    assert not list(staging.iterdir())  # the staging folders are gone, after a failure too
 
 
 def test_dpo_to_jsonl_with_token_lengths(pool_file, tmp_path, tokenizer, capsys):
