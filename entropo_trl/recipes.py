@@ -72,6 +72,13 @@ def parse_recipe(stage: str, config_classes: tuple, argv: list[str] | None = Non
             config = recipe_config(model, stage)
             if config is not None:
                 argv = ["--config", str(config), *argv]
+            elif not Path(model).exists():  # a Hub id without a recipe would train with bare defaults
+                known = sorted(p.name for p in RECIPES_DIR.iterdir() if (p / f"{stage}.yaml").exists())
+                raise SystemExit(
+                    f"no {stage} recipe for --model {model} (looked for {RECIPES_DIR / model_slug(model)}/"
+                    f"{stage}.yaml); recipes exist for: {', '.join(known)}. Pass --config FILE (and "
+                    "--model_name_or_path) to train another model with your own settings."
+                )
         if "--model_name_or_path" not in argv:
             argv += ["--model_name_or_path", model]
     parser = TrlParser(config_classes)
@@ -304,15 +311,21 @@ def run_stage(stage: str, argv: list[str] | None = None):
         if model_args.use_peft
         else ""
     )
-    write_model_card(
-        training_args.output_dir,
-        base_model=model_args.model_name_or_path,
-        stage=stage,
-        dataset=script_args.dataset_name,
-        alpha=alpha if stage in ("edpo", "ekto") else None,
-        beta=beta if stage in ("edpo", "ekto") else None,
-        lora=lora,
-    )
+
+    def card(*_args, **_kwargs) -> None:
+        write_model_card(
+            training_args.output_dir,
+            base_model=model_args.model_name_or_path,
+            stage=stage,
+            dataset=script_args.dataset_name,
+            alpha=alpha if stage in ("edpo", "ekto") else None,
+            beta=beta if stage in ("edpo", "ekto") else None,
+            lora=lora,
+        )
+
+    # `Trainer.push_to_hub` writes its model card again just before uploading: have it write this one
+    trainer.create_model_card = card
+    card()
     if training_args.push_to_hub:
         trainer.push_to_hub(commit_message=f"entropo-trl {stage}")
     return trainer

@@ -71,6 +71,12 @@ def test_flags_override_the_yaml():
     assert args.alpha == 0.13 and args.beta == 0.1
 
 
+def test_a_hub_model_without_a_recipe_is_refused():
+    """A near-miss id would otherwise train with bare defaults (no LoRA, no α): full fine-tuning, plain KTO."""
+    with pytest.raises(SystemExit, match="no ekto recipe for --model Qwen/Qwen3-Coder-30B-A3B .*qwen3-coder-30b"):
+        parse_recipe("ekto", (RecipeArguments, EntroKTOConfig, ModelConfig), ["--model", "Qwen/Qwen3-Coder-30B-A3B"])
+
+
 def test_launch_configs_and_sweep_parse():
     from accelerate.commands.config.config_args import load_config_from_file
 
@@ -233,7 +239,7 @@ def _wandb_history(path):
 def test_push_to_hub_goes_up_to_the_network_call(recipe_data, tmp_path, monkeypatch):
     import huggingface_hub
 
-    calls = []
+    calls, cards = [], []
 
     def create_repo(self, repo_id, **kwargs):
         calls.append(("create_repo", repo_id))
@@ -241,6 +247,7 @@ def test_push_to_hub_goes_up_to_the_network_call(recipe_data, tmp_path, monkeypa
 
     def upload_folder(self, *, repo_id, folder_path, **kwargs):
         calls.append(("upload_folder", repo_id, sorted(os.listdir(folder_path))))
+        cards.append(Path(folder_path, "README.md").read_text())
 
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
@@ -255,6 +262,7 @@ def test_push_to_hub_goes_up_to_the_network_call(recipe_data, tmp_path, monkeypa
     assert ("create_repo", "me/ekto-tiny") in calls
     uploads = [c for c in calls if c[0] == "upload_folder"]
     assert uploads and "adapter_model.safetensors" in uploads[-1][2] and "README.md" in uploads[-1][2]
+    assert "| alpha (α) | 0.11 |" in cards[-1] and "| stage | ekto |" in cards[-1]  # our card, not TRL's draft
 
 
 def test_qlora_without_a_gpu_fails_with_a_clear_message(recipe_data, tmp_path):
