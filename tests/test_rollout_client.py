@@ -1,7 +1,6 @@
 """The async chat client against the local OpenAI-compatible servers, and the server helpers themselves."""
 
 import asyncio
-import gc
 import http.server
 import subprocess
 import sys
@@ -257,23 +256,32 @@ def test_prompt_that_cannot_fit_is_not_sent():
 
 
 def test_concurrent_requests_are_served_in_parallel():
+    in_flight, peak, lock = [0], [0], threading.Lock()
+
+    def tracked(messages):
+        with lock:
+            in_flight[0] += 1
+            peak[0] = max(peak[0], in_flight[0])
+        time.sleep(0.05)
+        with lock:
+            in_flight[0] -= 1
+        return "echo: " + messages[-1]["content"]
+
     async def many(url, n):
         async with ChatClient(url, "m") as client:
-            start = time.perf_counter()
             results = await asyncio.gather(*(client.complete([{"role": "user", "content": str(i)}]) for i in range(n)))
-            return results, time.perf_counter() - start, dict(client.usage)
+            return results, dict(client.usage)
 
-    with serve_scripted(echo, delay=0.05) as server:
-        run(many(server.base_url, 2))  # warm up
-        results, elapsed, usage = run(many(server.base_url, 32))
-    assert [r.text for r in results] == [f"echo: {i}" for i in range(32)]
+    with serve_scripted(tracked) as server:
+        results, usage = run(many(server.base_url, 32))
+    assert [r.text for r in results] == [f"echo: {i}" for i in range(32)]  # each answer to its own request
     assert usage["requests"] == 32 and usage["retries"] == 0
-    assert elapsed < 1.2, f"32 requests of 50 ms took {elapsed:.2f} s: not served in parallel"
+    assert peak[0] >= 16, f"at most {peak[0]} requests were in flight at once: not sent in parallel"
 
 
-def test_one_client_across_event_loops(caplog):
-    """A client kept between two `asyncio.run` calls gets a new connection pool and semaphore for the new loop; the
-    old pool was closed when its loop shut down."""
+def test_one_client_per_event_loop():
+    """The connection pool binds to the loop the client first ran in; another loop gets a clear error, and works
+    after `aclose()`."""
     client = ChatClient("http://unused", "m", max_concurrency=1)
 
     async def twice(url):
@@ -283,14 +291,31 @@ def test_one_client_across_event_loops(caplog):
 
     with serve_scripted(echo) as server:
         assert run(twice(server.base_url)) == ["echo: " + USER[0]["content"]] * 2
-        first = client._state.session
+        with pytest.raises(RuntimeError, match="one client per event loop"):
+            run(twice(server.base_url))
+        run(client.aclose())
         assert run(twice(server.base_url)) == ["echo: " + USER[0]["content"]] * 2
-        assert first.closed and client._state.session is not first
         run(client.aclose())
         run(client.aclose())  # closing twice is fine
-    gc.collect()
     assert client.usage["requests"] == 4
-    assert not [r for r in caplog.records if "Unclosed" in r.getMessage()]
+
+
+def test_backoff_waits_grow():
+    client = ChatClient("http://unused", "m", backoff=1.0)
+    waits = [client._wait(attempt, None) for attempt in range(4)]
+    for attempt, wait in enumerate(waits):
+        assert 2**attempt <= wait < 1.5 * 2**attempt
+    assert client._wait(10, None) < 1.5 * 60  # capped
+
+
+def test_bad_sampling_and_client_settings_are_refused():
+    assert SamplingParams(stop="</function>").to_request()["stop"] == ["</function>"]  # not its characters
+    for bad in ({"temperature": -1}, {"top_p": 0}, {"top_p": 7}, {"max_tokens": 0}, {"top_k": 0}):
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)
+    for timeout in (0, -1):
+        with pytest.raises(ValueError, match="timeout"):
+            ChatClient("http://127.0.0.1:9/v1", "m", timeout=timeout)
 
 
 def _recording_server(respond):

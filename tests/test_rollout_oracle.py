@@ -10,7 +10,7 @@ import pytest
 
 from entropo_trl.rollout.oracle import OracleError, evaluate_patch
 from entropo_trl.rollout.runner import default_sandbox_factory
-from entropo_trl.rollout.tasks import task_from_swebench
+from entropo_trl.rollout.tasks import DEFAULT_TEST_COMMAND, task_from_swebench
 
 GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
 
@@ -131,4 +131,12 @@ def test_an_instance_with_its_own_eval_script_is_graded_by_swebench(instance):
 def test_a_test_command_that_cannot_run_is_an_oracle_error(instance):
     task = task_from_swebench({**instance, "test_command": "no-such-test-runner"})
     with pytest.raises(OracleError, match="could not run"):
+        evaluate_patch(task, instance["gold_patch"], default_sandbox_factory("local"))
+
+
+def test_unittest_style_ids_without_an_eval_script_are_an_oracle_error(instance):
+    """Django's ids ("test_x (module.Class)") cannot be run as pytest node ids: rewarding 0 would be wrong."""
+    task = task_from_swebench({**instance, "FAIL_TO_PASS": ["test_area (geo.tests.AreaTests)"]})
+    task.test_command = DEFAULT_TEST_COMMAND
+    with pytest.raises(OracleError, match="not pytest node ids"):
         evaluate_patch(task, instance["gold_patch"], default_sandbox_factory("local"))

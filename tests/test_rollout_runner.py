@@ -136,6 +136,48 @@ def test_prompt_size_comes_from_the_servers_count(toy_tasks, tmp_path, monkeypat
     assert 0 < hints[1] < hints[2]
 
 
+def test_time_and_token_limits_end_episodes(toy_tasks, tmp_path):
+    timed = tmp_path / "timed.jsonl"
+    _run(toy_tasks[:1], looper, timed, max_steps=10, max_episode_seconds=1e-6)
+    [t] = read_trajectories(timed)
+    assert t.exit_reason == "traj_time_limit" and t.num_steps == 1 and not t.finished
+
+    async def small_context():
+        with serve_scripted(looper) as server:
+            async with ChatClient(server.base_url, "scripted", max_context_tokens=2_500) as client:
+                return await run_rollouts(
+                    toy_tasks[:1], client, tmp_path / "tokens.jsonl", RolloutConfig(max_steps=50), progress=False
+                )
+
+    assert asyncio.run(small_context()).exit_reasons == {"token_limit": 1}
+    [t] = read_trajectories(tmp_path / "tokens.jsonl")
+    assert 0 < t.num_steps < 50 and not t.finished
+
+
+def test_an_endpoint_that_refuses_every_request_records_nothing(toy_tasks, tmp_path):
+    from entropo_trl.rollout.serve import StubHTTPError
+
+    def unknown_model(messages):
+        raise StubHTTPError(404, "The model `scripted` does not exist.")
+
+    summary = _run(toy_tasks[:1], unknown_model, tmp_path / "pool.jsonl", n=2)
+    assert summary.ran == 0 and summary.errors == 2  # errors, run again after a restart; not 0-step trajectories
+    assert not (tmp_path / "pool.jsonl").exists() or not (tmp_path / "pool.jsonl").read_text()
+
+
+def test_each_sample_gets_its_own_seed(toy_tasks, tmp_path):
+    from entropo_trl.rollout.client import SamplingParams
+
+    async def go():
+        with serve_scripted(quitter) as server:
+            async with ChatClient(server.base_url, "scripted") as client:
+                config = RolloutConfig(n=3, sampling=SamplingParams(seed=7), oracle=False)
+                await run_rollouts(toy_tasks[:1], client, tmp_path / "pool.jsonl", config, progress=False)
+            return sorted(body["seed"] for body in server.requests)
+
+    assert asyncio.run(go()) == [7, 8, 9]
+
+
 def test_sandbox_root_holds_the_local_checkouts(toy_tasks, tmp_path):
     root = tmp_path / "boxes"
     root.mkdir()
@@ -264,6 +306,9 @@ def test_cli_with_a_local_transformers_model(toy_tasks, tmp_path, tokenizer, tin
         (["--base_url", "http://127.0.0.1:9/v1"], "--model is required"),
         (["--base_url", "http://127.0.0.1:9/v1", "--model", "m", "--serve_transformers", "x"], "exactly one of"),
         (["--base_url", "http://127.0.0.1:9/v1", "--model", "m", "--n", "0"], "must be >= 1"),
+        (["--base_url", "http://127.0.0.1:9/v1", "--model", "m", "--tensor_parallel_size", "4"], "--serve_vllm only"),
+        (["--base_url", "http://127.0.0.1:9/v1", "--model", "m", "--limit", "0"], "--limit must be >= 1"),
+        (["--base_url", "http://127.0.0.1:9/v1", "--model", "m", "--top_p", "7"], "top_p"),
         (
             ["--base_url", "http://127.0.0.1:9/v1", "--model", "m", "--sandbox", "docker", "--sandbox_root", "/tmp"],
             "local sandboxes only",

@@ -101,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give exactly one of --base_url, --serve_vllm MODEL, --serve_transformers PATH")
     if args.base_url and not args.model:
         parser.error("--model is required with --base_url")
+    if not args.serve_vllm and (args.tensor_parallel_size != 1 or args.data_parallel_size != 1):
+        parser.error("--tensor_parallel_size / --data_parallel_size apply to --serve_vllm only")
+    if args.limit is not None and args.limit < 1:
+        parser.error(f"--limit must be >= 1, got {args.limit}")
     try:
         config = _config(args)
     except ValueError as error:  # limits and options that do not fit together, before any server starts
@@ -115,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                 tensor_parallel_size=args.tensor_parallel_size,
                 data_parallel_size=args.data_parallel_size,
                 max_model_len=args.max_context_tokens,
+                served_model_name=args.model,  # the name the client asks for
             )
             base_url, model = server.base_url, args.model or args.serve_vllm
         elif args.serve_transformers:

@@ -30,7 +30,6 @@ import ssl
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,6 +83,20 @@ class SamplingParams:
     max_tokens: int = 16_384
     seed: int | None = None
     stop: list[str] | None = None
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):  # one stop string, not its characters
+            self.stop = [self.stop]
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k is not None and (self.top_k < 1 and self.top_k != -1):
+            raise ValueError(f"top_k must be >= 1 (or -1 / None for no limit), got {self.top_k}")
+        if self.repetition_penalty is not None and not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
 
     def to_request(self) -> dict[str, Any]:
         """The request-body fields for these settings (OpenAI fields plus vLLM's top-level extras)."""
@@ -155,17 +168,7 @@ class _LoopState:
     loop: asyncio.AbstractEventLoop
     session: aiohttp.ClientSession
     semaphore: asyncio.Semaphore | None
-    closer: AsyncGenerator[None, None]
     proxy: str | None
-
-
-async def _close_at_loop_shutdown(session: aiohttp.ClientSession) -> AsyncGenerator[None, None]:
-    """Started once and left suspended: the event loop closes unfinished async generators when it shuts down (as
-    `asyncio.run` does), which closes the session while its loop still runs."""
-    try:
-        yield
-    finally:
-        await session.close()
 
 
 def _env_proxy(url: str) -> str | None:
@@ -233,6 +236,8 @@ class ChatClient:
             raise ValueError(f"max_concurrency must be >= 1 or None, got {max_concurrency}")
         if max_context_tokens < 1:
             raise ValueError(f"max_context_tokens must be >= 1, got {max_context_tokens}")
+        if not timeout > 0:  # aiohttp reads 0 as "no time limit"
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
         self.base_url = base_url.rstrip("/")
         self.url = f"{self.base_url}/chat/completions"
         self.model = model
@@ -251,14 +256,16 @@ class ChatClient:
 
     async def _loop_state(self) -> _LoopState:
         # One aiohttp session (its pool hands out idle keep-alive connections in constant time) and one concurrency
-        # semaphore per event loop, made on first use so that they bind to the running loop. A client reused by a
-        # second `asyncio.run` gets new ones; the old session was closed when its loop shut down.
+        # semaphore, made on first use so that they bind to the running event loop.
         loop = asyncio.get_running_loop()
         state = self._state
-        if state is not None and state.loop is loop and not state.session.closed:
+        if state is not None and not state.session.closed:
+            if state.loop is not loop:
+                raise RuntimeError(
+                    "this ChatClient is bound to the event loop it first ran in: use one client per event loop "
+                    "(`async with ChatClient(...)` inside the coroutine given to asyncio.run), or call aclose() first"
+                )
             return state
-        if state is not None and not state.session.closed:  # its loop ended without closing async generators
-            state.session.detach()
         ssl_context: ssl.SSLContext | bool = True
         if self.base_url.startswith("https:"):  # loading the CA bundle is slow: only for https
             ssl_context = ssl.create_default_context(cafile=certifi.where())
@@ -269,12 +276,10 @@ class ChatClient:
             max_line_size=MAX_HEADER_BYTES,
             max_field_size=MAX_HEADER_BYTES,
         )
-        closer = _close_at_loop_shutdown(session)
-        await closer.__anext__()
         semaphore = asyncio.Semaphore(self.max_concurrency) if self.max_concurrency is not None else None
         # the environment's proxy for this endpoint (http(s)_proxy, no_proxy), looked up once: aiohttp's `trust_env`
         # would look it up again on every request, which more than doubles the client's CPU per request
-        self._state = _LoopState(loop, session, semaphore, closer, _env_proxy(self.url))
+        self._state = _LoopState(loop, session, semaphore, _env_proxy(self.url))
         return self._state
 
     async def _post(self, state: _LoopState, payload: bytes, headers: dict[str, str]) -> _Response:
@@ -287,12 +292,8 @@ class ChatClient:
     async def aclose(self) -> None:
         """Close the underlying HTTP connections (the client can be used again afterwards)."""
         state, self._state = self._state, None
-        if state is None or state.session.closed:
-            return
-        if state.loop is asyncio.get_running_loop():
-            await state.closer.aclose()  # closes the session
-        else:  # its loop ended without closing async generators
-            state.session.detach()
+        if state is not None and not state.session.closed:
+            await state.session.close()
 
     async def __aenter__(self) -> ChatClient:
         return self

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from ..trajectory import parse_pytest_statuses
 from .sandbox import CommandResult, Sandbox
-from .tasks import Task
+from .tasks import DEFAULT_TEST_COMMAND, Task
 
 
 class OracleError(RuntimeError):
@@ -68,6 +68,12 @@ def evaluate_patch(
                 )
         if task.metadata.get("eval_script") and task.metadata.get("log_parser"):
             return _run_swebench_eval(task, sandbox, timeout)
+        unittest_ids = [t for t in tests if _UNITTEST_ID.match(t)]
+        if unittest_ids and task.test_command == DEFAULT_TEST_COMMAND:
+            raise OracleError(
+                f"task {task.instance_id}: test ids such as {unittest_ids[0]!r} are not pytest node ids; give the "
+                "instance its eval_script and log_parser (swebench 5 datasets ship them) or a test_command"
+            )
         if task.metadata.get("test_patch"):
             _apply_test_patch(task, sandbox, task.metadata["test_patch"])
         command = task.test_command + " " + " ".join(shlex.quote(t) for t in tests)
@@ -85,6 +91,8 @@ def evaluate_patch(
     return OracleResult(reward, f2p, p2p, test_output=output)
 
 
+# Django / unittest style ids, "test_name (module.Class)": what SWE-bench records for repositories not run by pytest
+_UNITTEST_ID = re.compile(r"^\w+ \([\w.]+\)")
 _DIFF_PATHS = re.compile(r"^diff --git a/(\S+) b/(\S+)$", re.MULTILINE)
 
 

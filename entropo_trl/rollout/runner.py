@@ -56,8 +56,11 @@ class RolloutConfig:
     record_workdir: str | None = "/testbed"
 
     def __post_init__(self):
-        if self.n < 1 or self.concurrency < 1 or self.max_steps < 1:
-            raise ValueError("n, concurrency and max_steps must be >= 1")
+        if self.n < 1 or self.concurrency < 1 or self.max_steps < 1 or self.max_tokens_per_call < 1:
+            raise ValueError("n, concurrency, max_steps and max_tokens_per_call must be >= 1")
+        for name in ("tool_timeout", "max_episode_seconds", "oracle_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
         if self.sandbox not in ("local", "docker"):
             raise ValueError(f"sandbox must be 'local' or 'docker', got {self.sandbox!r}")
         if self.sandbox_root is not None and self.sandbox == "docker":
@@ -111,7 +114,12 @@ async def run_episode(
         {"role": "user", "content": instance_prompt(task.problem_statement, sandbox.workdir, config.max_steps)},
     ]
     state, exit_reason, finished = ToolState(), "max_step_limit", False
-    sampling = replace(config.sampling, max_tokens=min(config.sampling.max_tokens, config.max_tokens_per_call))
+    sampling = replace(
+        config.sampling,
+        max_tokens=min(config.sampling.max_tokens, config.max_tokens_per_call),
+        # samples of one task share their prompt: one seed for all would make them the same episode
+        seed=None if config.sampling.seed is None else config.sampling.seed + sample,
+    )
     usage = {"prompt_tokens": 0, "completion_tokens": 0}
     hint = None  # the prompt's size from the server's last count, plus an estimate of what came after it
     try:
@@ -122,6 +130,11 @@ async def run_episode(
                 exit_reason = "token_limit"
                 break
             except LLMError as exc:
+                status = exc.status or 0
+                if status in (401, 403, 404) or (step == 0 and 400 <= status < 500 and status != 429):
+                    # the endpoint refuses every request (credentials, model name, parameters): not an episode to
+                    # record with a reward, but an error, counted and run again after a restart
+                    raise
                 logger.warning(f"{task.instance_id} sample {sample}: LLM query failed: {exc}")
                 exit_reason = "llm_query_error"
                 break
