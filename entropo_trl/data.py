@@ -73,6 +73,8 @@ class _Budget:
     def __init__(self, tokenizer, max_tokens: int | None):
         if max_tokens is not None and tokenizer is None:
             raise ValueError("max_tokens needs a tokenizer to count tokens with")
+        if max_tokens is not None and max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1 (or None for no budget), got {max_tokens}")
         self.tokenizer, self.max_tokens = tokenizer, max_tokens
 
     def fit(self, messages: list[dict[str, Any]], stats: BuildStats) -> list[dict[str, Any]] | None:
@@ -242,11 +244,9 @@ def build_dpo_pairs(
                 rejected_messages = budget.fit(_strip(rejected.messages), stats)
                 if chosen_messages is None or rejected_messages is None:
                     continue
+                # truncation never edits the system prompt or the issue: the pair still shares its prompt
                 prompt, chosen_completion = _split(chosen_messages)
-                rejected_prompt, rejected_completion = _split(rejected_messages)
-                if prompt != rejected_prompt:  # truncation shortened one issue but not the other: keep both whole
-                    stats.skipped["pair prompts differ after truncation"] += 1
-                    continue
+                _, rejected_completion = _split(rejected_messages)
                 yield {
                     "prompt": prompt,
                     "chosen": chosen_completion,
@@ -411,6 +411,9 @@ def build_verifier_rows(
     """Verifier training rows `{"messages": [system, user, assistant "<judgement>YES</judgement>" or NO], "label",
     "instance_id"}`: YES when the trajectory passed. Long trajectories are condensed to `max_tokens` (see
     [`verifier_prompt`]); `stats.extra["condensed_observations"]` counts the condensed blocks."""
+
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1 (or None for no budget), got {max_tokens}")
 
     def generate(stats: BuildStats) -> Iterator[dict[str, Any]]:
         stats.extra["condensed_observations"] = 0

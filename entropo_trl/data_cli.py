@@ -131,7 +131,11 @@ def _read_json_rows(paths: list[str]) -> Iterator[dict[str, Any]]:
         with open(path, encoding="utf-8") as handle:
             if path.endswith(".json") and handle.read(1) == "[":
                 handle.seek(0)
-                yield from json.load(handle)
+                try:
+                    rows = json.load(handle)
+                except json.JSONDecodeError as exc:
+                    raise SystemExit(f"{path}, line {exc.lineno}: invalid JSON ({exc.msg})") from None
+                yield from rows
                 continue
             handle.seek(0)
             for number, line in enumerate(handle, 1):
@@ -187,8 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     dpo = commands.add_parser("dpo", help="DPO pairs ({'prompt', 'chosen', 'rejected'})")
     common(dpo)
     dpo.add_argument("--policy", choices=["all", "authors"], default="all")
-    dpo.add_argument("--max_pairs_per_instance", type=int, default=4, help="cap for --policy all (0: no cap)")
-    dpo.add_argument("--seed", type=int, default=0)
+    dpo.add_argument(
+        "--max_pairs_per_instance", type=int, default=None, help="cap for --policy all (default 4; 0: no cap)"
+    )
+    dpo.add_argument("--seed", type=int, default=None, help="sampling seed for the cap of --policy all (default 0)")
     kto = commands.add_parser("kto", help="KTO rows ({'prompt', 'completion', 'label'})")
     common(kto)
     verifier = commands.add_parser("verifier", help="verifier rows (judge conversations ending in a judgement)")
@@ -204,7 +210,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "dpo":
+        if args.policy == "authors" and (args.max_pairs_per_instance is not None or args.seed is not None):
+            parser.error("--max_pairs_per_instance and --seed apply to --policy all only")
+        args.max_pairs_per_instance = 4 if args.max_pairs_per_instance is None else args.max_pairs_per_instance
+        args.seed = 0 if args.seed is None else args.seed
+    if getattr(args, "max_tokens", None) is not None and args.max_tokens < 1:
+        parser.error(f"--max_tokens must be >= 1, got {args.max_tokens}")
+    if args.command == "sharegpt-export" and args.name and not args.output:
+        parser.error("--name writes dataset_info.json beside --output: give --output")
+    if args.command == "verifier" and args.tokenizer is None:
+        print(
+            f"[entropo-data verifier] no --tokenizer: the {args.max_tokens}-token budget is estimated at 4 characters "
+            "a token; pass the verifier's tokenizer for exact counts",
+            file=sys.stderr,
+        )
     if args.command in ("sharegpt-export", "sharegpt-import"):
         rows = list(_read_json_rows(args.input))
         converted = list(export_sharegpt(rows) if args.command == "sharegpt-export" else import_sharegpt(rows))

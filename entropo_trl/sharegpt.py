@@ -35,6 +35,8 @@ def _to(messages: list[dict[str, Any]], where: str) -> list[dict[str, str]]:
         role = message.get("role")
         if role not in TO_SHAREGPT:
             raise ValueError(f"{where}[{i}].role: cannot export role {role!r} to ShareGPT")
+        if message.get("tool_calls"):
+            raise ValueError(f"{where}[{i}].tool_calls: structured tool calls have no ShareGPT text to export")
         out.append({"from": TO_SHAREGPT[role], "value": message.get("content") or ""})
     return out
 
@@ -60,8 +62,12 @@ def to_sharegpt(row: dict[str, Any], index: int = 0) -> dict[str, Any]:
     """One builder row (SFT `messages`, DPO `prompt`/`chosen`/`rejected`, KTO `prompt`/`completion`/`label`) as a
     ShareGPT row. Other columns (e.g. `instance_id`) are kept."""
     where = f"row {index}"
+    # `label` becomes `kto_tag` for KTO rows; SFT and verifier rows keep it as a column
+    kto = "completion" in row and "label" in row
     extra = {
-        k: v for k, v in row.items() if k not in ("messages", "prompt", "chosen", "rejected", "completion", "label")
+        k: v
+        for k, v in row.items()
+        if k not in ("messages", "prompt", "chosen", "rejected", "completion") and not (kto and k == "label")
     }
     if "messages" in row:
         return {"conversations": _to(row["messages"], f"{where}.messages"), **extra}

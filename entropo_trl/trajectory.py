@@ -242,6 +242,12 @@ def detect_format(record: dict[str, Any]) -> str:
     """The layout of one JSON record: `"entropo"`, `"r2egym"` or `"swesmith"`."""
     if record.get("schema") == SCHEMA:
         return "entropo"
+    if str(record.get("schema", "")).startswith("entropo-trajectory/"):
+        raise TrajectoryFormatError(
+            f"schema {record['schema']!r} is not {SCHEMA!r} (written by another version of entropo-trl?)",
+            field="schema",
+            reason="unknown schema",
+        )
     if "trajectory_steps" in record or "history" in record or "docker_image" in record:
         return "r2egym"
     if "messages" in record and "instance_id" in record:
@@ -256,6 +262,10 @@ def detect_format(record: dict[str, Any]) -> str:
 
 def from_entropo(record: dict[str, Any]) -> Trajectory:
     known = {f.name for f in dataclasses.fields(Trajectory)}
+    if "schema" in record and record["schema"] != SCHEMA:
+        raise TrajectoryFormatError(
+            f"schema {record['schema']!r} is not {SCHEMA!r}", field="schema", reason="unknown schema"
+        )
     unknown = set(record) - known - {"schema"}
     if unknown:
         raise TrajectoryFormatError(
@@ -265,7 +275,8 @@ def from_entropo(record: dict[str, Any]) -> Trajectory:
         if name not in record:
             raise TrajectoryFormatError(f"missing '{name}'", field=name, reason=f"missing {name}")
     messages = validate_messages(record["messages"])
-    metadata = record.get("metadata") or {}
+    metadata = record.get("metadata")
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict):
         raise TrajectoryFormatError("expected an object", field="metadata", reason="invalid metadata")
     finished = record.get("finished", last_turn_finished(messages))

@@ -220,19 +220,32 @@ def test_sharegpt_import_of_authors_rows_and_errors():
 
 
 def test_verifier_prompt_keeps_condensing_until_it_fits():
+    """Over the budgets where condensing is needed: every prompt fits, some fit only by condensing, and an error
+    comes only when even the fully condensed prompt is over the budget."""
+    from entropo_trl.truncation import TruncationError
+
     t = traj("V", 1.0, turns=3)
     t.messages[3]["content"] = "x" * 102
     t.messages[5]["content"] = "y" * 52
+
+    def tokens(messages):
+        return (len(messages[1]["content"]) + 3) // 4 + (len(VERIFIER_SYSTEM_PROMPT) + 3) // 4 + 16
+
     full, _ = verifier_prompt(t, None, max_tokens=None)
-    for budget in range(300, 420):
+    all_condensed = traj("V", 1.0, turns=3)
+    all_condensed.messages[3]["content"] = all_condensed.messages[5]["content"] = CONDENSED
+    floor, _ = verifier_prompt(all_condensed, None, max_tokens=None)
+    fitted_by_condensing = 0
+    for budget in range(tokens(floor) - 5, tokens(full) + 5):
         try:
             messages, condensed = verifier_prompt(t, None, max_tokens=budget)
-        except Exception as error:  # only when condensing everything is not enough
-            all_condensed = traj("V", 1.0, turns=3)
-            all_condensed.messages[3]["content"] = all_condensed.messages[5]["content"] = CONDENSED
-            assert "every observation condensed" in str(error)
+        except TruncationError as error:
+            assert "every observation condensed" in str(error) and tokens(floor) > budget
             continue
-        assert (len(messages[1]["content"]) + 3) // 4 + (len(VERIFIER_SYSTEM_PROMPT) + 3) // 4 + 16 <= budget
+        assert tokens(messages) <= budget
+        fitted_by_condensing += condensed > 0
+        assert (condensed == 0) == (tokens(full) <= budget)
+    assert fitted_by_condensing > 0
 
 
 def test_unlabelled_trajectories_are_skipped_counted():

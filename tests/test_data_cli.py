@@ -135,3 +135,64 @@ def test_percentiles():
     assert percentiles(list(range(1, 101))) == {"p50": 50, "p90": 90, "p99": 99, "p100": 100}
     assert percentiles([7]) == {"p50": 7, "p90": 7, "p99": 7, "p100": 7}
     assert percentiles([]) == {}
+
+
+@pytest.mark.parametrize(
+    "command, extra, rows",
+    [
+        ("sft", [], 15),
+        ("sft", ["--include_unfinished"], 16),
+        ("sft", ["--require_success"], 8),
+        ("kto", ["--include_unfinished"], 16),
+        ("dpo", ["--policy", "all", "--max_pairs_per_instance", "1"], 2),
+    ],
+)
+def test_cli_options_change_the_rows(pool_file, tmp_path, command, extra, rows):
+    out = tmp_path / "rows.jsonl"
+    main([command, "--input", str(pool_file), "--output", str(out), "--on_error", "skip", *extra])
+    assert len(out.read_text().splitlines()) == rows
+
+
+def test_cli_keep_hints_and_source(pool_file, tmp_path):
+    hinted = tmp_path / "hinted.jsonl"
+    lines = pool_file.read_text().splitlines()
+    record = json.loads(lines[0])
+    record["messages"][1]["content"] += "\n<gt_patch>diff --git a/x b/x</gt_patch>"
+    hinted.write_text(json.dumps(record) + "\n")
+    for extra, kept in (([], False), (["--keep_hints"], True)):
+        out = tmp_path / f"sft{len(extra)}.jsonl"
+        main(["sft", "--input", str(hinted), "--output", str(out), "--include_unfinished", *extra])
+        [row] = [json.loads(line) for line in out.read_text().splitlines()]
+        assert ("<gt_patch>" in json.dumps(row)) is kept
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["dpo", "--policy", "authors", "--seed", "3"], "apply to --policy all only"),
+        (["kto", "--max_tokens", "0"], "--max_tokens must be >= 1"),
+        (["sharegpt-export", "--name", "x", "--push_to_hub", "me/x"], "give --output"),
+    ],
+)
+def test_cli_refuses_options_that_would_be_ignored(pool_file, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main([argv[0], "--input", str(pool_file), *argv[1:]])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_broken_json_array_names_its_file(tmp_path):
+    broken = tmp_path / "rows.json"
+    broken.write_text('[{"messages": []},\n {"messages": ')
+    with pytest.raises(SystemExit, match=r"rows\.json, line 2: invalid JSON"):
+        main(["sharegpt-export", "--input", str(broken), "--output", str(tmp_path / "out.json")])
+
+
+def test_sharegpt_export_keeps_labels_of_verifier_rows_and_refuses_tool_calls():
+    from entropo_trl.sharegpt import export_sharegpt
+
+    row = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "label": True}
+    [exported] = export_sharegpt([row])
+    assert exported["label"] is True and "kto_tag" not in exported
+    calls = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "tool_calls": [{"id": "1"}]}]}
+    with pytest.raises(ValueError, match="tool_calls"):
+        list(export_sharegpt([calls]))

@@ -273,6 +273,8 @@ MALFORMED = {
     "NaN reward": (_entropo(reward=math.nan), "reward", "invalid reward"),
     "string reward": (_entropo(reward="1"), "reward", "invalid reward"),
     "string num_steps": (_entropo(num_steps="three"), "num_steps", "invalid num_steps"),
+    "list metadata": (_entropo(metadata=[]), "metadata", "invalid metadata"),
+    "other schema version": (_entropo(schema="entropo-trajectory/999"), "schema", "unknown schema"),
     "missing reward": (_entropo(reward=_DELETE), "reward", "missing reward"),
     "null reward": (_entropo(reward=None), "reward", "missing reward"),
     "empty instance_id": (_entropo(instance_id=""), "instance_id", "invalid instance_id"),
@@ -395,3 +397,11 @@ def test_reference_patch_hints_are_removed_from_prompts(tmp_path):
     assert stats.hints_removed == 1 and "removed from 1 prompts" in stats.summary()
     [kept, _] = read_trajectories(pool, keep_hints=True)
     assert kept.messages[1]["content"] == issue
+
+
+def test_r2e_finished_marker_is_dropped(tmp_path):
+    pool = tmp_path / "r2e.jsonl"
+    finished = {**R2E, "history": MESSAGES + [{"role": "user", "content": "<<< Finished >>>"}]}
+    pool.write_text(json.dumps(finished) + "\n" + json.dumps(R2E) + "\n")
+    with_marker, without = read_trajectories(pool)
+    assert with_marker.messages == without.messages == MESSAGES and with_marker.finished

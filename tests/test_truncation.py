@@ -45,7 +45,8 @@ def test_middle_turns_are_dropped_when_observations_are_not_enough(tokenizer):
     assert count_tokens(tokenizer, out) <= budget
     assert report.dropped_turns > 0
     assert out[:2] == messages[:2] and out[-1] == messages[-1]  # issue and the final (finish) turn kept
-    assert out[2] == messages[2]  # the first action goes last
+    assert out[2] == messages[2]  # the first action is kept
+    assert out[-3] == messages[-3]  # the middle goes first: the turn just before the final one is kept
     assert any("turns (about" in m["content"] and "omitted" in m["content"] for m in out if m["role"] == "user")
     roles = [m["role"] for m in out[2:]]
     assert all(a != b for a, b in zip(roles, roles[1:]))  # still alternating
