@@ -45,6 +45,10 @@ class SelectorConfig:
     steps_measure: str = "num_steps"  # "num_steps" (assistant turns) or "messages" (history length, authors' code)
 
     def __post_init__(self):
+        if not self.stages:
+            raise ValueError(f"the selector needs at least one stage of {', '.join(STAGES)}")
+        if not isinstance(self.verifier_inclusive, bool):  # YAML "false" in quotes would count as true
+            raise ValueError(f"verifier_inclusive must be true or false, got {self.verifier_inclusive!r}")
         unknown = [s for s in self.stages if s not in STAGES]
         if unknown:
             raise ValueError(f"unknown selector stage(s) {unknown}; stages are {', '.join(STAGES)}")
@@ -87,6 +91,8 @@ class SelectorConfig:
 
     def without(self, stage: str) -> SelectorConfig:
         """The same selector with one stage removed (for ablations)."""
+        if stage not in self.stages:
+            raise ValueError(f"cannot drop stage {stage!r}: the selector's stages are {', '.join(self.stages)}")
         return replace(self, stages=[s for s in self.stages if s != stage])
 
 

@@ -193,7 +193,11 @@ def main(argv=None) -> int:
         label, _, path = spec.rpartition(":")
         if not label or not path:
             raise SystemExit(f"--pool takes LABEL:PATH, got {spec!r}")
+        if label in pools:
+            raise SystemExit(f"--pool label {label!r} is given twice")
         pools[label] = group_by_instance(read_trajectories(path))
+        if not pools[label]:
+            raise SystemExit(f"--pool {spec}: the pool holds no trajectories")
     report = build_report(pools, args.output, args.preset, args.draws)
     print(f"report: {report}")
     return 0

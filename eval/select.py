@@ -36,7 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pool", nargs="+", required=True, help="trajectory pool file(s)")
     parser.add_argument("--output", required=True, help="JSONL of the chosen trajectories (one per instance)")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="paper-verified")
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="a preset selector (default paper-verified; a --config names its own)",
+    )
     parser.add_argument("--config", help="a YAML of selector settings (preset, stages, verifier_threshold, steps...)")
     parser.add_argument("--stages", help="comma-separated stages in order, e.g. finished,regression,verifier,steps")
     parser.add_argument("--drop_stage", action="append", default=[], help="remove a stage (ablation); repeatable")
@@ -49,11 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def selector_from_args(args) -> HybridSelector:
-    values = {"preset": args.preset}
     if args.config:
+        if args.preset:
+            raise SystemExit("give --preset or --config, not both (a config file names its preset with `preset:`)")
         config = SelectorConfig.from_yaml(args.config)
     else:
-        config = SelectorConfig.from_dict(values)
+        config = SelectorConfig.from_dict({"preset": args.preset or "paper-verified"})
     overrides = {
         k: v
         for k, v in (("stages", args.stages), ("verifier_threshold", args.verifier_threshold), ("steps", args.steps))

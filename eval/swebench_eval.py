@@ -24,6 +24,7 @@ import argparse  # noqa: E402
 import logging  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from entropo_trl.selection import PRESETS  # noqa: E402
 from entropo_trl.swebench_eval import (  # noqa: E402
     DEFAULT_DATASET,
     DockerUnavailableError,
@@ -38,7 +39,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--pool", help="trajectory pool (JSONL), N candidates per instance; --selector picks one")
     source.add_argument("--selection", help="chosen trajectories (JSONL), one per instance")
-    parser.add_argument("--selector", default="paper-verified", help="selector preset for --pool")
+    parser.add_argument(
+        "--selector", choices=sorted(PRESETS), default="paper-verified", help="selector preset for --pool"
+    )
     parser.add_argument("--predictions", required=True, help="output predictions file (.jsonl)")
     parser.add_argument("--model_name", default=None, help="model_name_or_path (default: the trajectories' source)")
     parser.add_argument("--run", action="store_true", help="run the SWE-bench harness on the predictions")

@@ -13,6 +13,7 @@ from entropo_trl.metrics import (
     levenshtein,
     mean_token_entropy,
     ngram_diversity,
+    oracle_rank,
     pairwise_action_distance,
     pass_at_1_runs,
     pass_at_k,
@@ -30,13 +31,11 @@ def traj(reward=0.0, assistant=(), patch="", instance_id="i", **metadata):
     return Trajectory(instance_id=instance_id, messages=messages, reward=reward, patch=patch, metadata=metadata)
 
 
-def oracle_rank(trajectories):
-    """By reward, ties broken by index."""
-    order = sorted(range(len(trajectories)), key=lambda i: (trajectories[i].reward, i))
-    ranks = [0] * len(trajectories)
-    for position, i in enumerate(order):
-        ranks[i] = position
-    return ranks
+def test_oracle_rank_prefers_reward_then_the_earliest():
+    pool = [traj(reward=r) for r in (0.0, 1.0, 1.0, 0.0)]
+    ranks = oracle_rank(pool)
+    assert max(range(4), key=ranks.__getitem__) == 1  # the first passing one is chosen
+    assert ranks[1] > ranks[2] > ranks[0] > ranks[3]
 
 
 def by_verifier(trajectories):

@@ -1,5 +1,6 @@
 import asyncio
 import json
+import math
 import random
 import re
 import threading
@@ -219,11 +220,13 @@ def test_local_scores_read_where_the_verifier_was_trained(family):
 
         def __call__(self, ids):
             seen.append(ids[0].tolist())
-            return types.SimpleNamespace(logits=torch.zeros(1, ids.shape[1], len(tokenizer)))
+            logits = torch.zeros(1, ids.shape[1], len(tokenizer))
+            logits[0, -1, tokenizer("YES", add_special_tokens=False)["input_ids"][0]] = math.log(3.0)
+            return types.SimpleNamespace(logits=logits)
 
     trajectory = traj("a", 1.0)
     [score] = score_with_model([trajectory], Model(), tokenizer)
-    assert score == pytest.approx(0.5)  # equal logits
+    assert score == pytest.approx(0.75)  # p(YES) : p(NO) = 3 : 1, read at the last position
     messages, _ = verifier_prompt(trajectory, tokenizer, 60_000)
     trained = tokenizer.apply_chat_template(
         [*messages, {"role": "assistant", "content": "<judgement>YES</judgement>"}], tokenize=False
@@ -283,3 +286,12 @@ def test_yaml_numbers_written_as_strings_and_preset_copies(tmp_path):
     selector = HybridSelector("paper-lite")
     selector.config.stages.remove("verifier")
     assert "verifier" in PRESETS["paper-lite"].stages
+
+
+def test_selector_settings_that_would_be_ignored_are_refused():
+    with pytest.raises(ValueError, match="at least one stage"):
+        SelectorConfig.from_dict({"stages": ""})
+    with pytest.raises(ValueError, match="cannot drop stage 'verifer'"):
+        PRESETS["paper-verified"].without("verifer")
+    with pytest.raises(ValueError, match="verifier_inclusive must be true or false"):
+        SelectorConfig.from_dict({"verifier_inclusive": "false"})
