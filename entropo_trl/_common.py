@@ -31,13 +31,19 @@ def resolve_tokenizer(model, processing_class, args, trainer_name: str):
 
     if processing_class is None:
         model_id = model if isinstance(model, str) else get_config_model_id(model.config)
-        processing_class = AutoTokenizer.from_pretrained(model_id, trust_remote_code=args.trust_remote_code)
+        revision = (getattr(args, "model_init_kwargs", None) or {}).get("revision")
+        processing_class = AutoTokenizer.from_pretrained(
+            model_id, revision=revision, trust_remote_code=args.trust_remote_code
+        )
     if not isinstance(processing_class, PreTrainedTokenizerBase):
         raise TypeError(
             f"`processing_class` must be a tokenizer ({trainer_name} is text-only), got {type(processing_class).__name__}"
         )
-    if processing_class.pad_token is None:
-        processing_class.pad_token = processing_class.eos_token
+    # as TRL does: `args.pad_token` if given, else the tokenizer's own, else its end-of-sequence token
+    pad_token = getattr(args, "pad_token", None) or processing_class.pad_token or processing_class.eos_token
+    if pad_token not in processing_class.get_vocab():
+        raise ValueError(f"pad_token {pad_token!r} is not in the vocabulary of the tokenizer given to {trainer_name}")
+    processing_class.pad_token = pad_token
     return processing_class
 
 

@@ -135,16 +135,21 @@ class EntroDPOTrainer(AssistantMaskMixin, DPOTrainer):
             quantization_config=quantization_config,
             peft_config=peft_config,
         )
-        # The sigmoid's coefficient is α; reference log-probs are scaled by β/α in `compute_loss`.
-        self.beta = self.alpha
 
     # ----------------------------------------------------------------------------------------------------------------
     # Dataset preparation: multi-turn conversational rows get assistant-only masks
     # ----------------------------------------------------------------------------------------------------------------
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        if "prompt_ids" in next(iter(dataset)):
-            return dataset  # already tokenized (e.g. by a previous trainer or by data preparation)
+        first = next(iter(dataset))
+        if "prompt_ids" in first:  # already tokenized (e.g. by a previous trainer or by data preparation)
+            if getattr(args, "assistant_only", False) and MASK_COLUMNS[0] not in first:
+                logger.warning(
+                    f"The {dataset_name} dataset is already tokenized without assistant masks "
+                    f"({MASK_COLUMNS[0]!r}): every completion token is trained, tool observations included. "
+                    "Pass the conversational rows to get assistant-only masks."
+                )
+            return dataset
         if not self._uses_assistant_masks(dataset, args):
             return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
         tokenizer = processing_class

@@ -117,7 +117,6 @@ class EntroKTOTrainer(AssistantMaskMixin, KTOTrainer):
         self.entropo_beta = args.beta
         self.z0_clamp = args.z0_clamp
         self.kto_variant = args.kto_variant
-        self.desirable_counts: dict[str, tuple[int, int]] = {}
         super().__init__(
             model,
             ref_model=ref_model,
@@ -138,8 +137,15 @@ class EntroKTOTrainer(AssistantMaskMixin, KTOTrainer):
     # ----------------------------------------------------------------------------------------------------------------
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        if "prompt_ids" in next(iter(dataset)):
-            return dataset  # already tokenized (e.g. by a previous trainer or by data preparation)
+        first = next(iter(dataset))
+        if "prompt_ids" in first:  # already tokenized (e.g. by a previous trainer or by data preparation)
+            if getattr(args, "assistant_only", False) and MASK_COLUMNS[0] not in first:
+                logger.warning(
+                    f"The {dataset_name} dataset is already tokenized without assistant masks "
+                    f"({MASK_COLUMNS[0]!r}): every completion token is trained, tool observations included. "
+                    "Pass the conversational rows to get assistant-only masks."
+                )
+            return dataset
         if not self._uses_assistant_masks(dataset, args):
             return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
         tokenizer = processing_class
@@ -198,7 +204,6 @@ class EntroKTOTrainer(AssistantMaskMixin, KTOTrainer):
 
             if isinstance(dataset, Dataset):
                 num_desirable = sum(dataset["label"])
-                self.desirable_counts[dataset_name] = (num_desirable, len(dataset) - num_desirable)
                 logger.info(
                     f"{dataset_name} dataset: {num_desirable} desirable, {len(dataset) - num_desirable} undesirable rows"
                 )
@@ -207,19 +212,6 @@ class EntroKTOTrainer(AssistantMaskMixin, KTOTrainer):
     # ----------------------------------------------------------------------------------------------------------------
     # Loss
     # ----------------------------------------------------------------------------------------------------------------
-
-    def _policy_kl_logps(self, model, inputs) -> torch.Tensor:
-        """Summed log-probs of the mismatched samples under the policy, without gradient (as TRL computes them)."""
-        labels = inputs["KL_input_ids"].masked_fill(inputs["KL_completion_mask"] == 0, -100)
-        with torch.no_grad():
-            per_token_logps = model(
-                input_ids=inputs["KL_input_ids"],
-                attention_mask=inputs["KL_attention_mask"],
-                labels=labels,
-                use_cache=False,
-                fused_lm_head=True,
-            ).log_probs
-        return per_token_logps[:, -(labels.size(1) - 1) :].sum(-1)  # (batch,)
 
     def _mean_across_processes(self, value: torch.Tensor) -> torch.Tensor:
         return self.accelerator.gather_for_metrics(value).mean()
@@ -238,7 +230,7 @@ class EntroKTOTrainer(AssistantMaskMixin, KTOTrainer):
             ref_logps, ref_kl_logps = self.compute_ref_log_probs(reference, inputs)
         device = inputs["input_ids"].device
         ref_logps, ref_kl_logps = ref_logps.to(device), ref_kl_logps.to(device)
-        kl_logps = self._policy_kl_logps(model, inputs)
+        kl_logps = self._compute_kl_logps(model, inputs)  # TRL's: the policy on the KL samples, no gradient
 
         alpha, beta = self.alpha, self.entropo_beta
         # Eq. (8): z0 = mean[logp(y') − (β/α)·ref(y')], averaged across processes, clamped only if asked.

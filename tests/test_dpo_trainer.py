@@ -135,22 +135,31 @@ def test_multi_turn_with_gradient_checkpointing_trains_assistant_tokens(tiny_mod
 def test_peft_lora_without_reference_model(tiny_model_dir, tokenizer, tmp_path):
     from peft import LoraConfig
 
-    args = EntroDPOConfig(**training_kwargs(tmp_path, alpha=0.11, learning_rate=0.05, optim="adamw_torch"))
+    args = EntroDPOConfig(
+        **training_kwargs(tmp_path, alpha=0.11, learning_rate=0.05, optim="adamw_torch", per_device_train_batch_size=4)
+    )
     trainer = EntroDPOTrainer(
         model=load_model(tiny_model_dir),
         args=args,
         train_dataset=Dataset.from_list(multi_turn_pairs(4)),
         processing_class=tokenizer,
-        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+        # a non-zero adapter from the start, so that the policy differs from the reference (the base model)
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
     )
     assert trainer.ref_model is None
+    batch = _batch(trainer, [0, 1, 2, 3])  # the first step's batch holds every row
+    args_ = (batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+    ref = manual_logps(load_model(tiny_model_dir), *args_)[:4]  # the reference: the adapter switched off
+    policy = manual_logps(trainer.model, *args_)[:4]
+    assert (policy - ref).abs().max() > 0.1  # policy != reference
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
     trainer.train()
     after = dict(trainer.model.named_parameters())
     assert before and all(not torch.equal(before[n], after[n]) for n in before if "lora_B" in n)
     log = _first_log(trainer)
-    # at the first step the adapter is zero, so policy == reference: rewards are (alpha - beta) * logp
-    assert log["rewards/chosen"] == pytest.approx((0.11 - 0.1) * log["logps/chosen"], rel=1e-4)
+    assert log["logps/chosen"] == pytest.approx(policy.mean().item(), abs=2e-3)
+    # EntroPO rewards: alpha * logp - beta * ref, with the reference from the base model
+    assert log["rewards/chosen"] == pytest.approx(0.11 * policy.mean().item() - 0.1 * ref.mean().item(), abs=2e-3)
 
 
 def test_precomputed_reference_is_reused_across_alphas(tiny_model_dir, tokenizer, tmp_path, monkeypatch):
@@ -301,3 +310,58 @@ def test_prepared_dataset_is_accepted_as_is(tiny_model_dir, tokenizer, tmp_path)
     assert "chosen_assistant_mask" not in batch  # folded into the completion mask by the collator
     second.train()
     assert second.state.global_step == 1
+
+
+@pytest.mark.parametrize("max_length, mode", [(None, "keep_start"), (200, "keep_start"), (200, "keep_end")])
+def test_collated_masks_are_the_assistant_masks_of_the_kept_tokens(
+    tiny_model_dir, tokenizer, tmp_path, max_length, mode
+):
+    """Each row's completion_mask is the assistant mask of its conversation, on exactly the tokens the collator
+    kept (untruncated, or cut to max_length from either end)."""
+    from entropo_trl.multiturn import assistant_token_mask
+
+    pairs = multi_turn_pairs(3)
+    args = EntroDPOConfig(**training_kwargs(tmp_path, max_length=max_length, truncation_mode=mode))
+    trainer = EntroDPOTrainer(
+        model=load_model(tiny_model_dir),
+        ref_model=load_model(tiny_model_dir),
+        args=args,
+        train_dataset=Dataset.from_list(pairs),
+        processing_class=tokenizer,
+    )
+    checked = 0
+    for index, pair in enumerate(pairs):
+        batch = _batch(trainer, [index])
+        for row, key in enumerate(("chosen", "rejected")):
+            ids, mask = assistant_token_mask(tokenizer, pair["prompt"] + pair[key])
+            n = int(batch["attention_mask"][row].sum())
+            assert max_length is None and n == len(ids) or n == min(max_length or n, len(ids))
+            kept = slice(len(ids) - n, None) if mode == "keep_end" and n < len(ids) else slice(0, n)
+            assert batch["input_ids"][row, :n].tolist() == ids[kept]
+            assert batch["completion_mask"][row, :n].tolist() == mask[kept]
+            assert sum(mask[kept]) > 0
+            checked += 1
+    assert checked == 6
+
+
+def test_pad_token_option_is_honoured_and_checked(tiny_model_dir, tmp_path, caplog):
+    from entropo_trl.testing import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer("qwen3")  # a fresh one: the trainer sets its pad token
+    data = Dataset.from_list(multi_turn_pairs(2))
+    model = load_model(tiny_model_dir)
+    args = EntroDPOConfig(**training_kwargs(tmp_path, pad_token="<|im_end|>"))
+    trainer = EntroDPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    assert trainer.processing_class.pad_token == "<|im_end|>"
+    assert trainer.data_collator.pad_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        EntroDPOTrainer(
+            model=model,
+            args=EntroDPOConfig(**training_kwargs(tmp_path, pad_token="<not-a-token>")),
+            train_dataset=data,
+            processing_class=tokenizer,
+        )
+    # a dataset tokenized without assistant masks trains every completion token: said, not silent
+    tokenized = trainer.train_dataset.remove_columns(["chosen_assistant_mask", "rejected_assistant_mask"])
+    EntroDPOTrainer(model=model, args=args, train_dataset=tokenized, processing_class=tokenizer)
+    assert "without assistant masks" in caplog.text

@@ -223,17 +223,19 @@ def test_peft_lora_without_reference_model(tiny_model_dir, tokenizer, tmp_path):
         args=args,
         train_dataset=Dataset.from_list(multi_turn_kto_rows(4)),
         processing_class=tokenizer,
-        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+        # a non-zero adapter from the start, so that the policy differs from the reference (the base model)
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
     )
     assert trainer.ref_model is None
-    base = load_model(tiny_model_dir)  # the adapter starts at zero: the first step's policy and reference are this
-    _, kl, ref_kl, _, _ = _kl_batch_manual(trainer, base, base, 0.11, 0.1)
+    base = load_model(tiny_model_dir)  # the reference: the policy with its adapter switched off
+    _, kl, ref_kl, _, _ = _kl_batch_manual(trainer, trainer.model, base, 0.11, 0.1)
+    assert (kl - ref_kl).abs().max() > 0.1  # policy != reference
     expected_z0 = (kl - 0.1 / 0.11 * ref_kl).mean().item()
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
     trainer.train()
     after = dict(trainer.model.named_parameters())
     assert before and all(not torch.equal(before[n], after[n]) for n in before)
-    # z0 = (1 - beta/alpha) * mean logp(KL samples), computed with the adapter switched off for the reference
+    # z0 = mean[logp(KL samples) - (beta/alpha) ref], the reference computed with the adapter switched off
     assert expected_z0 < -1.0
     assert _first_log(trainer)["entropo/z0"] == pytest.approx(expected_z0, rel=1e-3)
 
@@ -358,3 +360,23 @@ def test_batches_of_one_class_log_without_error(tiny_model_dir, tokenizer, tmp_p
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert logged and all("rewards/rejected" not in entry for entry in logged)
     assert all("entropo/z0" in entry for entry in logged)
+
+
+@pytest.mark.parametrize("max_length", [None, 200])
+def test_collated_masks_are_the_assistant_masks_of_the_kept_tokens(tiny_model_dir, tokenizer, tmp_path, max_length):
+    rows = multi_turn_kto_rows(4)
+    args = EntroKTOConfig(**training_kwargs(tmp_path, max_length=max_length))
+    trainer = EntroKTOTrainer(
+        model=load_model(tiny_model_dir),
+        ref_model=load_model(tiny_model_dir),
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+    )
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    for index, row in enumerate(rows):
+        ids, mask = assistant_token_mask(tokenizer, row["prompt"] + row["completion"])
+        n = int(batch["attention_mask"][index].sum())
+        assert n == (len(ids) if max_length is None else min(max_length, len(ids)))
+        assert batch["input_ids"][index, :n].tolist() == ids[:n]  # KTO keeps the start
+        assert batch["completion_mask"][index, :n].tolist() == mask[:n] and sum(mask[:n]) > 0
