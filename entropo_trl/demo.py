@@ -117,6 +117,24 @@ def run_demo(
         )
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
+    # a rerun resumes the finished stages: only with the options they were made with
+    options = {
+        "n_tasks": n_tasks,
+        "samples": samples,
+        "train_steps": train_steps,
+        "student": student,
+        "teacher_url": teacher_url,
+        "teacher_model": teacher_model,
+        "tasks_file": tasks_file,
+        "sandbox": sandbox,
+    }
+    recorded = workdir / "options.json"
+    if recorded.exists() and json.loads(recorded.read_text()) != options:
+        raise SystemExit(
+            f"{workdir} holds a demo run made with other options ({recorded}: {recorded.read_text().strip()}); "
+            "use another --workdir, or delete this one to start again"
+        )
+    recorded.write_text(json.dumps(options))
     started = time.perf_counter()
     summary: dict = {}
 

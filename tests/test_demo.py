@@ -47,3 +47,6 @@ def test_demo_pipeline_small_killed_and_resumed(tmp_path):
     report = (workdir / "report" / "report.md").read_text()
     assert "Selector's choice per instance" in report and "| toy__toolkit-1 |" in report
     assert (workdir / "report" / "best_of_n.png").stat().st_size > 10_000
+    # resuming with other options would mix two runs: refused
+    other = subprocess.run(command[:-1] + ["2"], env=env, capture_output=True, text=True, timeout=120)
+    assert other.returncode != 0 and "holds a demo run made with other options" in other.stderr

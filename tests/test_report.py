@@ -2,6 +2,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from selection import synthetic_pool  # noqa: E402  (the benchmark's pool generator)
 
@@ -39,6 +41,20 @@ def test_report_builds_with_non_empty_figures(tmp_path):
         assert f"]({figure})" in report
     assert "| without verifier |" in report and "| inst-0 | 8 |" in report
     assert report.count("| alpha=") >= 6  # curves table and diversity table, one row per pool each
+
+    def row(name):
+        line = next(line for line in report.splitlines() if line.startswith(f"| {name} |"))
+        return [float(cell) for cell in line.strip("|").split("|")[1:] if " - " not in cell and cell.strip()]
+
+    oracle, hybrid = row("alpha=0.10 (oracle)"), row("alpha=0.10")
+    assert len(oracle) == len(hybrid) == 8
+    assert all(b >= a - 0.02 for a, b in zip(oracle, oracle[1:]))  # best-of-N with the oracle never gets worse
+    assert all(o >= h - 0.02 for o, h in zip(oracle, hybrid))  # and no selector beats it
+    first = synthetic_pool(instances=12, per_instance=8, seed=0)
+    solvable = sum(any(t.passed for t in group) for group in first.values()) / len(first)
+    assert oracle[-1] == pytest.approx(solvable, abs=1e-3)  # N = all rollouts: pass@8, exactly
+    ablation = [row(name)[0] for name in ("full", "without finished", "without regression", "without verifier")]
+    assert len(set(ablation)) > 1  # each ablation runs its own selector
 
 
 def test_select_cli_writes_one_choice_per_instance(tmp_path):
