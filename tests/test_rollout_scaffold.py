@@ -84,3 +84,32 @@ def test_parse_action_never_raises(text):
 @given(st.binary(max_size=200))
 def test_parse_action_survives_decoded_bytes(raw):
     parse_action(raw.decode("utf-8", errors="replace"))
+
+
+def test_system_prompt_is_the_real_r2e_prompt_but_for_three_deliberate_edits():
+    """The authors' R2E system prompt (the real fixture's `history[0]`), minus the interactive-process features the
+    local and Docker sandboxes do not offer (exit code -1, empty / "ctrl+c" commands), and with `concise` described
+    as the sandbox applies it (long Python files only)."""
+    import json
+
+    from test_trajectory import _fixture
+
+    real = json.loads(_fixture("r2egym_trajectories_qwen3coder.jsonl").read_text().splitlines()[0])["history"][0]
+    lines = real["content"].splitlines()
+    dropped = (
+        "If the bash command returns exit code -1",
+        "Call this function again with command as an empty string",
+        "Send more input to STDIN",
+        'Send command="ctrl+c"',
+        'Can be empty ("")',
+        'Can be "ctrl+c"',
+    )
+    edited = []
+    for line in lines:
+        if any(text in line for text in dropped):
+            continue
+        line = line.replace("Defaults to True; displays a concise", "Displays a concise")
+        line = line.replace("it will be interrupted (SIGINT).", "it will be interrupted.")
+        edited.append(line)
+    assert len(lines) - len(edited) == 6
+    assert "\n".join(edited) == SYSTEM_PROMPT.rstrip("\n")
