@@ -255,17 +255,24 @@ def test_prompt_that_cannot_fit_is_not_sent():
 # -- concurrency ------------------------------------------------------------------------------------------------
 
 
-def test_concurrent_requests_are_served_in_parallel():
+def counting(respond, seconds=0.05):
+    """`respond`, taking `seconds` per request, and a list whose first item becomes the most requests in flight."""
     in_flight, peak, lock = [0], [0], threading.Lock()
 
     def tracked(messages):
         with lock:
             in_flight[0] += 1
             peak[0] = max(peak[0], in_flight[0])
-        time.sleep(0.05)
+        time.sleep(seconds)
         with lock:
             in_flight[0] -= 1
-        return "echo: " + messages[-1]["content"]
+        return respond(messages)
+
+    return tracked, peak
+
+
+def test_concurrent_requests_are_served_in_parallel():
+    tracked, peak = counting(echo)
 
     async def many(url, n):
         async with ChatClient(url, "m") as client:
@@ -386,16 +393,7 @@ def test_api_key_with_a_line_break_is_refused():
 
 
 def test_max_concurrency_limits_requests_in_flight():
-    in_flight, peak, lock = [0], [0], threading.Lock()
-
-    def tracked(messages):
-        with lock:
-            in_flight[0] += 1
-            peak[0] = max(peak[0], in_flight[0])
-        time.sleep(0.05)
-        with lock:
-            in_flight[0] -= 1
-        return "ok"
+    tracked, peak = counting(lambda messages: "ok")
 
     async def many(url):
         async with ChatClient(url, "m", max_concurrency=3) as client:
