@@ -69,9 +69,10 @@ def check_trainer_args(model, args, config_class, unsupported, trainer_name: str
 
 class AssistantMaskMixin:
     """What both EntroPO trainers add to TRL's dataset handling: multi-turn conversational rows carry assistant-only
-    masks in `mask_columns`, which the trainer must not drop as unused columns."""
+    masks (and EntroPO-KTO rows their KL bookkeeping) in `kept_columns`, which the trainer must not drop as unused
+    columns."""
 
-    mask_columns: tuple[str, ...] = ()
+    kept_columns: tuple[str, ...] = ()
 
     def _uses_assistant_masks(self, dataset, args) -> bool:
         from trl.data_utils import is_conversational
@@ -82,7 +83,7 @@ class AssistantMaskMixin:
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
             super()._set_signature_columns_if_needed()
-            self._signature_columns = list(self._signature_columns) + list(self.mask_columns)
+            self._signature_columns = list(self._signature_columns) + list(self.kept_columns)
 
 
 def row_error(dataset_name: str, index: int, field: str, message: str) -> ValueError:

@@ -84,7 +84,7 @@ class EntroDPOTrainer(AssistantMaskMixin, DPOTrainer):
     (`α·logp − β·ref`); `entropy` is the mean per-token policy entropy over the scored (assistant) tokens.
     """
 
-    mask_columns = MASK_COLUMNS
+    kept_columns = MASK_COLUMNS
     _tag_names = ["trl", "dpo", "entropo"]
     _name = "EntroPO-DPO"
     _paper = ENTROPO_PAPER

@@ -14,12 +14,14 @@ to the EntroPO reward `α·logp − β·ref`. Cached reference log-probs are sto
 The authors' released variant (`kto_variant="reference_code"`) is handled the same way with `β' = β`, `ref' = ref + z`.
 """
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate.logging import get_logger
-from datasets import Dataset, IterableDataset
+from datasets import Dataset, IterableDataset, concatenate_datasets
 from transformers import PreTrainedTokenizerBase
 from trl import KTOTrainer
 from trl.data_utils import extract_prompt, unpair_preference_dataset
@@ -45,6 +47,77 @@ logger = get_logger(__name__)
 MASK_COLUMNS = ("completion_assistant_mask", "KL_completion_assistant_mask")
 
 
+def kl_partners(prompt_keys: list, seed: int) -> list[int]:
+    """For each row, the row whose completion forms its mismatched (KL) sample: never a row of the same prompt while
+    the data holds another prompt. Depends on the prompts and `seed` only.
+
+    Rows are listed prompt by prompt (prompts and rows within them in a seeded random order) and each row is paired
+    with the row `m` places further round that list, `m` the largest prompt's row count: a permutation (every
+    completion serves as exactly one KL sample) in which no row meets its own prompt whenever no prompt holds more
+    than half of the rows. Otherwise the rows that would meet their own prompt take a seeded random row of another
+    prompt instead."""
+    n = len(prompt_keys)
+    if n < 2:
+        return list(range(n))
+    rng = np.random.default_rng([seed, 0x4B4C])  # a stream of its own, not the dataset shuffle's
+    groups: dict[Any, list[int]] = {}
+    for index, key in enumerate(prompt_keys):
+        groups.setdefault(key, []).append(index)
+    members = list(groups.values())
+    order, start_of = [], {}
+    for g in rng.permutation(len(members)):
+        start_of[prompt_keys[members[g][0]]] = len(order)
+        order.extend(rng.permutation(members[g]).tolist())
+    shift = max(len(m) for m in members)
+    shift = 1 if shift == n else shift  # one prompt: nothing to mismatch, keep a permutation
+    partners = [0] * n
+    for position, index in enumerate(order):
+        partners[index] = order[(position + shift) % n]
+    if len(members) > 1:
+        for index in range(n):
+            key = prompt_keys[index]
+            if prompt_keys[partners[index]] == key:  # the prompt holds more than half of the rows
+                size = len(groups[key])
+                partners[index] = order[(start_of[key] + size + int(rng.integers(n - size))) % n]
+    return partners
+
+
+def _prompt_keys(dataset: Dataset) -> list[str]:
+    """A digest of each row's tokenized prompt, read in batches (the prompts are never all held as Python lists)."""
+    keys = []
+    for batch in dataset.select_columns(["prompt_ids"]).iter(batch_size=1024):
+        for ids in batch["prompt_ids"]:
+            keys.append(hashlib.blake2b(np.asarray(ids, dtype=np.int64).tobytes(), digest_size=16).hexdigest())
+    return keys
+
+
+def _last_run_start(mask: list[int]) -> int:
+    """Where the last run of 1s of an assistant mask starts (the content of the last assistant message)."""
+    end = len(mask)
+    while end > 0 and not mask[end - 1]:
+        end -= 1
+    start = end
+    while start > 0 and mask[start - 1]:
+        start -= 1
+    return start if end > 0 else len(mask)
+
+
+def _splice_last_assistant_turn(batch: dict[str, list]) -> dict[str, list]:
+    """The authors' KL sample: the row's completion up to its last assistant message (that message's header
+    included), then the partner's last assistant message; only the partner's message is scored."""
+    ids, masks = [], []
+    for own_ids, own_mask, other_ids, other_mask in zip(
+        batch["completion_ids"],
+        batch["completion_assistant_mask"],
+        batch["partner_completion_ids"],
+        batch["partner_completion_assistant_mask"],
+    ):
+        own_cut, other_cut = _last_run_start(own_mask), _last_run_start(other_mask)
+        ids.append(own_ids[:own_cut] + other_ids[other_cut:])
+        masks.append([0] * own_cut + other_mask[other_cut:])
+    return {"KL_completion_ids": ids, "KL_completion_assistant_mask": masks}
+
+
 @dataclass
 class DataCollatorForMultiTurnUnpairedPreference(DataCollatorForUnpairedPreference):
     """TRL's unpaired-preference collator whose `completion_mask` / `KL_completion_mask` come from per-token assistant
@@ -61,6 +134,8 @@ class DataCollatorForMultiTurnUnpairedPreference(DataCollatorForUnpairedPreferen
                 output[f"{prefix}completion_mask"] = _masks_tensor(
                     examples, "prompt_ids", mask_key, self.max_length, False, self.pad_to_multiple_of
                 )
+        if "kl_same_prompt" in examples[0]:
+            output["kl_same_prompt"] = torch.tensor([example["kl_same_prompt"] for example in examples])
         return output
 
 
@@ -79,7 +154,7 @@ class EntroKTOTrainer(AssistantMaskMixin, KTOTrainer):
     `β·(logp − ref)` for the reference-code variant); `entropy` over the scored (assistant) tokens.
     """
 
-    mask_columns = MASK_COLUMNS
+    kept_columns = (*MASK_COLUMNS, "kl_same_prompt")
     _tag_names = ["trl", "kto", "entropo"]
     _name = "EntroPO-KTO"
     _paper = ENTROPO_PAPER
@@ -117,23 +192,28 @@ class EntroKTOTrainer(AssistantMaskMixin, KTOTrainer):
         self.entropo_beta = args.beta
         self.z0_clamp = args.z0_clamp
         self.kto_variant = args.kto_variant
-        super().__init__(
-            model,
-            ref_model=ref_model,
-            args=args,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            data_collator=data_collator,
-            compute_metrics=compute_metrics,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            quantization_config=quantization_config,
-            peft_config=peft_config,
-        )
+        # TRL builds KL samples by rotating completions inside each batch, and so refuses batch size 1 and any sampling
+        # but sequential. EntroPO-KTO pairs rows across the whole dataset instead (`_add_kl_samples`), so TRL's KL
+        # set-up is switched off while its constructor runs, and the KL forward passes switched back on after it.
+        with swapped_attributes(args, loss_type="apo_zero_unpaired"):
+            super().__init__(
+                model,
+                ref_model=ref_model,
+                args=args,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                data_collator=data_collator,
+                compute_metrics=compute_metrics,
+                callbacks=callbacks,
+                optimizers=optimizers,
+                quantization_config=quantization_config,
+                peft_config=peft_config,
+            )
+        self.loss_type, self.calculate_KL = "kto", True
 
     # ----------------------------------------------------------------------------------------------------------------
-    # Dataset preparation: multi-turn conversational rows get assistant-only masks, KL samples included
+    # Dataset preparation: multi-turn conversational rows get assistant-only masks; every row gets its KL sample
     # ----------------------------------------------------------------------------------------------------------------
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
@@ -145,10 +225,16 @@ class EntroKTOTrainer(AssistantMaskMixin, KTOTrainer):
                     f"({MASK_COLUMNS[0]!r}): every completion token is trained, tool observations included. "
                     "Pass the conversational rows to get assistant-only masks."
                 )
-            return dataset
-        if not self._uses_assistant_masks(dataset, args):
-            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-        tokenizer = processing_class
+            if "KL_completion_ids" in first:  # prepared by an EntroKTOTrainer: its KL samples are kept
+                return dataset
+        elif self._uses_assistant_masks(dataset, args):
+            dataset = self._tokenize_with_assistant_masks(dataset, processing_class, args, dataset_name)
+        else:
+            with swapped_attributes(self, calculate_KL=False):  # TRL's tokenisation, without its in-batch KL rotation
+                dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        return self._add_kl_samples(dataset, args, dataset_name)
+
+    def _tokenize_with_assistant_masks(self, dataset, tokenizer, args, dataset_name):
         map_kwargs: dict[str, Any] = {}
         if isinstance(dataset, Dataset):
             map_kwargs["num_proc"] = args.dataset_num_proc
@@ -191,23 +277,66 @@ class EntroKTOTrainer(AssistantMaskMixin, KTOTrainer):
                         f"Dropped {before - len(dataset)} of {before} {dataset_name} rows whose prompt alone fills "
                         f"max_length={args.max_length}: they have no completion token left to train on."
                     )
-
-            if self.calculate_KL:
-                # Mismatched samples as TRL builds them: completions rotated by one within each batch, their masks too.
-                def add_kl(batch):
-                    for key in ("completion_ids", "completion_assistant_mask"):
-                        batch[f"KL_{key}"] = [batch[key][-1]] + batch[key][:-1]
-                    return batch
-
-                describe("Extracting KL")
-                dataset = dataset.map(add_kl, batched=True, batch_size=args.per_device_train_batch_size, **map_kwargs)
-
             if isinstance(dataset, Dataset):
                 num_desirable = sum(dataset["label"])
                 logger.info(
                     f"{dataset_name} dataset: {num_desirable} desirable, {len(dataset) - num_desirable} undesirable rows"
                 )
         return dataset
+
+    def _add_kl_samples(self, dataset, args, dataset_name):
+        """Shuffle the train rows once (seeded) and give every row its mismatched (KL) sample: its own prompt with the
+        completion of row `kl_partner`, a row of another prompt (see [`kl_partners`]). The `reference_code` variant
+        splices instead, as the authors' data preparation does: the row's own context up to its last assistant
+        message, then the partner's last assistant message."""
+        if not isinstance(dataset, Dataset):
+            raise ValueError(
+                f"EntroKTOTrainer pairs every row with a row of another prompt across the whole {dataset_name} dataset "
+                "(its KL sample), which needs a map-style `datasets.Dataset`, not an IterableDataset: load the data "
+                "without streaming."
+            )
+        with global_then_local_main_first():
+            if dataset_name == "train":  # pools are written instance by instance: do not train in that order
+                dataset = dataset.shuffle(seed=args.seed).flatten_indices()
+            keys = _prompt_keys(dataset)
+            partners = kl_partners(keys, args.seed)
+            same_prompt = [int(keys[i] == keys[j]) for i, j in enumerate(partners)]
+            if len(dataset) > 1 and len(set(keys)) == 1:
+                logger.warning(
+                    f"Every row of the {dataset_name} dataset has the same prompt: its KL samples cannot be mismatched, "
+                    "so z0 is the mean reward of the batch's own completions (entropo/kl_same_prompt = 1)."
+                )
+            has_masks = MASK_COLUMNS[0] in dataset.column_names
+            columns = ["completion_ids"] + ([MASK_COLUMNS[0]] if has_masks else [])
+            partner_rows = dataset.select(partners).select_columns(columns).flatten_indices()
+            partner_rows = partner_rows.rename_columns({c: f"partner_{c}" for c in columns})
+            dataset = concatenate_datasets([dataset, partner_rows], axis=1)
+            dataset = dataset.add_column("kl_partner", partners).add_column("kl_same_prompt", same_prompt)
+            if self.kto_variant == "reference_code" and has_masks:
+                dataset = dataset.map(
+                    _splice_last_assistant_turn,
+                    batched=True,
+                    remove_columns=[f"partner_{c}" for c in columns],
+                    desc=f"Building the authors' KL samples for the {dataset_name} dataset",
+                )
+            else:
+                if self.kto_variant == "reference_code":
+                    logger.warning(
+                        "kto_variant='reference_code' builds each KL sample from the row's context and the partner's "
+                        "last assistant message, which needs assistant masks (multi-turn conversational rows with "
+                        "assistant_only=True); these rows have none, so the partner's whole completion is used."
+                    )
+                dataset = dataset.rename_columns({f"partner_{c}": f"KL_{c}" for c in columns})
+            logger.info(
+                f"{dataset_name} dataset: {len(dataset)} rows of {len(set(keys))} prompts, each paired with the "
+                f"completion of a row of another prompt for its KL sample ({sum(same_prompt)} share their prompt)"
+            )
+        return dataset
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        # TRL's KL switch is off while its constructor runs (see `__init__`): cache the KL samples' reference too
+        with swapped_attributes(self, calculate_KL=True):
+            return super()._precompute_ref_logps(dataset, name, batch_size)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Loss
@@ -223,6 +352,7 @@ class EntroKTOTrainer(AssistantMaskMixin, KTOTrainer):
             raise ValueError(
                 "EntroKTOTrainer needs the mismatched (KL) samples in each batch: 'KL_input_ids' is missing"
             )
+        same_prompt = inputs.pop("kl_same_prompt", None)
         if "ref_logps" in inputs and "ref_KL_logps" in inputs:
             ref_logps, ref_kl_logps = inputs["ref_logps"], inputs["ref_KL_logps"]  # cached, unscaled
         else:
@@ -266,4 +396,8 @@ class EntroKTOTrainer(AssistantMaskMixin, KTOTrainer):
             metrics["kl"][-1] = z0_value
         metrics["entropo/z0"].append(z0_value)
         metrics["entropo/alpha"].append(alpha)
+        if same_prompt is not None:  # KL samples that share their row's prompt: 0 on any pool of several instances
+            metrics["entropo/kl_same_prompt"].append(
+                self._mean_across_processes(same_prompt.float().to(device)).item()
+            )
         return result

@@ -36,9 +36,20 @@ def _first_log(trainer):
     return next(entry for entry in trainer.state.log_history if "loss" in entry)
 
 
+class _TRLOnPreparedRows(KTOTrainer):
+    """TRL's own KTOTrainer on the rows an EntroKTOTrainer prepared (same order, same KL samples): only TRL's in-batch
+    rotation of the KL completions is skipped, everything it computes from the rows is TRL's."""
+
+    prepared = None
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        return self.prepared
+
+
 @pytest.mark.parametrize("moved", ["policy", "reference"])
 def test_matches_trl_kto_with_clamp_at_alpha_equal_beta(tiny_model_dir, tokenizer, tmp_path, moved):
-    """Moving the policy gives TRL a negative KL (clamped to 0); moving the reference a positive one (used as is)."""
+    """Moving the policy gives TRL a negative KL (clamped to 0); moving the reference a positive one (used as is).
+    TRL trains on the rows as EntroKTOTrainer prepared them, so both see the same KL samples."""
     base = load_model(tiny_model_dir)
     if moved == "policy":
         make_policy, make_ref = (lambda: perturbed(base)), (lambda: load_model(tiny_model_dir))
@@ -56,10 +67,21 @@ def test_matches_trl_kto_with_clamp_at_alpha_equal_beta(tiny_model_dir, tokenize
         tmp_path / "ours",
         assistant_only=False,
         z0_clamp=True,
+        per_device_train_batch_size=4,
     )
-    trl = _train(KTOTrainer, KTOConfig, make_policy(), make_ref(), tokenizer, rows, tmp_path / "trl")
+    _TRLOnPreparedRows.prepared = ours.train_dataset
+    trl = _train(
+        _TRLOnPreparedRows,
+        KTOConfig,
+        make_policy(),
+        make_ref(),
+        tokenizer,
+        rows,
+        tmp_path / "trl",
+        per_device_train_batch_size=4,
+    )
     ours_log, trl_log = _first_log(ours), _first_log(trl)
-    print(ours_log, trl_log)
+    assert ours_log["entropo/kl_same_prompt"] == 0.0
     assert abs(ours_log["loss"] - 0.5) > 1e-3, "policy equals reference: the comparison would be vacuous"
     if moved == "reference":
         assert trl_log["kl"] > 0.1, "this case must exercise a positive (unclamped) KL"
@@ -201,7 +223,7 @@ def test_real_trajectories_logps_are_assistant_token_sums(tmp_path):
         per_device_train_batch_size=3,
     )
     batch, kl, ref_kl, logps, ref_logps = _kl_batch_manual(trainer, perturbed(base), base, 0.11, 0.1)
-    for i, row in enumerate(rows):
+    for i, row in enumerate(trainer.train_dataset):  # the rows in training order (shuffled once)
         ids, mask = assistant_token_mask(tokenizer, row["prompt"] + row["completion"])
         n = int(batch["attention_mask"][i].sum())
         assert batch["input_ids"][i, :n].tolist() == ids and batch["completion_mask"][i, :n].tolist() == mask
@@ -334,13 +356,17 @@ def test_kl_samples_use_assistant_masks(tiny_model_dir, tokenizer, tmp_path):
         tmp_path,
         per_device_train_batch_size=4,
     )
+    data = trainer.train_dataset
     batch = next(iter(trainer.get_train_dataloader()))
-    # the KL sample of row i is row i-1's completion after row i's prompt, with row i-1's assistant mask
+    # the KL sample of row i is row i's prompt, then row kl_partner[i]'s completion with its assistant mask
     for i in range(4):
-        j = (i - 1) % 4
-        own = batch["completion_mask"][j].bool() & batch["attention_mask"][j].bool()
+        j = data[i]["kl_partner"]
+        assert j != i
         kl = batch["KL_completion_mask"][i].bool() & batch["KL_attention_mask"][i].bool()
-        assert batch["input_ids"][j][own].tolist() == batch["KL_input_ids"][i][kl].tolist()
+        expected = [t for t, m in zip(data[j]["completion_ids"], data[j]["completion_assistant_mask"]) if m]
+        assert batch["KL_input_ids"][i][kl].tolist() == expected
+        n = len(data[i]["prompt_ids"])
+        assert batch["KL_input_ids"][i][:n].tolist() == data[i]["prompt_ids"]
         assert 0 < int(kl.sum()) < int(batch["KL_attention_mask"][i].sum()) // 2
 
 
@@ -374,7 +400,7 @@ def test_collated_masks_are_the_assistant_masks_of_the_kept_tokens(tiny_model_di
         processing_class=tokenizer,
     )
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
-    for index, row in enumerate(rows):
+    for index, row in enumerate(trainer.train_dataset):  # the rows in training order (shuffled once)
         ids, mask = assistant_token_mask(tokenizer, row["prompt"] + row["completion"])
         n = int(batch["attention_mask"][index].sum())
         assert n == (len(ids) if max_length is None else min(max_length, len(ids)))
