@@ -12,6 +12,16 @@ clamp never applies. TRL's forward, fused LM head and metrics stay in use; the l
 to the EntroPO reward `α·logp − β·ref`. Cached reference log-probs are stored unscaled, so they stay valid for any α.
 
 The authors' released variant (`kto_variant="reference_code"`) is handled the same way with `β' = β`, `ref' = ref + z`.
+
+Mismatched (KL) samples. TRL rotates completions inside each batch, which on a pool written instance by instance pairs
+most rows with their own prompt (z0 then degenerates into the mean of the batch's own rewards) and needs batches of 2
+or more. Here they are built with the dataset instead: the train rows are shuffled once (seeded by `args.seed`), and
+row i's KL sample is row i's prompt followed by the completion of row `kl_partner[i]`, a seeded derangement across
+prompts ([`kl_partners`]), so no row meets its own instance while the data holds another. z0 is still the mean over the
+micro-batch's KL samples, averaged across processes; with a batch of 1 per process it rests on one sample per process:
+noisy on one GPU, and, averaged over processes, what the authors trained with (LLaMA-Factory, batch size 1, also pairs
+the KL samples while preparing the data). `entropo/kl_same_prompt` logs the share of KL samples that meet their own
+prompt: 0 on any pool of more than one instance.
 """
 
 import hashlib
@@ -145,12 +155,15 @@ class EntroKTOTrainer(AssistantMaskMixin, KTOTrainer):
     Log-probs are summed over the tokens of assistant turns only when `args.assistant_only` is set and the data is
     conversational (prompt `[system, issue]`, completion the rest of the trajectory), in the examples and in the
     mismatched KL samples alike. z0 is the unclamped mean by default (`z0_clamp=False`); at α = β with
-    `z0_clamp=True` the trainer is TRL's KTO, loss and updates.
+    `z0_clamp=True` the trainer is TRL's KTO loss, given the same KL samples. Unlike TRL, the KL samples pair rows of
+    different prompts across the whole dataset (columns `kl_partner`, `kl_same_prompt`, `KL_completion_ids`), the
+    train rows are shuffled once, and `per_device_train_batch_size=1` is allowed; the data must be a map-style
+    `datasets.Dataset`.
 
     Args are those of [`~trl.KTOTrainer`]; `args` must be an [`EntroKTOConfig`] (default: one with α = β).
 
     Logs, besides TRL's metrics: `entropo/alpha`, `entropo/z0` (the reference point used in the loss, after any clamp;
-    TRL's `kl` shows the same value); `rewards/*` and `rewards/margins` in EntroPO units (`α·logp − β·ref`, or
+    TRL's `kl` shows the same value); `entropo/kl_same_prompt` (the share of KL samples meeting their row's prompt); `rewards/*` and `rewards/margins` in EntroPO units (`α·logp − β·ref`, or
     `β·(logp − ref)` for the reference-code variant); `entropy` over the scored (assistant) tokens.
     """
 

@@ -32,6 +32,13 @@ class RecipeArguments:
     dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
     dataset_test_split: str | None = field(default=None, metadata={"help": "Split to evaluate on (none: no eval)."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Start over even when `output_dir` holds checkpoints of an earlier run (by default the run resumes "
+            "from the last one)."
+        },
+    )
 
 
 def model_slug(model_id: str) -> str:
@@ -254,6 +261,34 @@ def _assistant_only_sft(dataset, tokenizer, max_length: int | None):
     return kept
 
 
+def refuse_labelled_rows(dataset, stage: str, name: str) -> None:
+    """SFT and the verifier train on every row they are given: KTO-style rows (a `label` column, failed trajectories
+    among them) would teach the model its failures. Refused, naming the file and the count, rather than filtered."""
+    if dataset is None or "label" not in dataset.column_names:
+        return
+    failed = sum(1 for label in dataset["label"] if not label)
+    build = "`entropo-data sft` (successful trajectories)" if stage == "sft" else "`entropo-data verifier`"
+    raise SystemExit(
+        f"{name}: the {stage} recipe trains on every row, and these rows carry a 'label' column (KTO-style rows, "
+        f"{failed} of {len(dataset)} labelled false). Build {stage} rows from the pool with {build}, or train them "
+        "with recipes/ekto.py."
+    )
+
+
+def last_checkpoint(output_dir: str, resume_from_checkpoint: str | None, overwrite: bool) -> str | None:
+    """The checkpoint to resume from: `--resume_from_checkpoint PATH` when given, else the last `checkpoint-N` in
+    `output_dir` unless `--overwrite_output_dir` asks to start over; None for a fresh start."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if resume_from_checkpoint:
+        if not Path(resume_from_checkpoint).is_dir():
+            raise SystemExit(f"--resume_from_checkpoint {resume_from_checkpoint}: no such checkpoint folder")
+        return resume_from_checkpoint
+    if overwrite or not Path(output_dir).is_dir():
+        return None
+    return get_last_checkpoint(output_dir)
+
+
 def run_stage(stage: str, argv: list[str] | None = None):
     """Parse, load, train and save one stage (`sft`, `edpo`, `ekto`, `verifier`); returns the trainer."""
     from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config
@@ -285,6 +320,9 @@ def run_stage(stage: str, argv: list[str] | None = None):
     os.environ["WANDB_TAGS"] = ",".join(([user_tags] if user_tags else []) + tags)
     model, tokenizer = load_model_and_tokenizer(model_args, training_args)
     train, evaluation = load_recipe_dataset(script_args)
+    if stage in ("sft", "verifier"):
+        refuse_labelled_rows(train, stage, script_args.dataset_name)
+        refuse_labelled_rows(evaluation, stage, f"{script_args.dataset_name} ({script_args.dataset_test_split})")
     if stage in ("sft", "verifier") and "messages" in train.column_names:
         training_args.assistant_only_loss = False  # the masks below do it, for any prefix-preserving template
         train = _assistant_only_sft(train, tokenizer, training_args.max_length)
@@ -298,8 +336,13 @@ def run_stage(stage: str, argv: list[str] | None = None):
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
     )
+    checkpoint = last_checkpoint(
+        training_args.output_dir, training_args.resume_from_checkpoint, script_args.overwrite_output_dir
+    )
+    if checkpoint is not None:
+        print(f"Resuming the {stage} run from {checkpoint} (pass --overwrite_output_dir true to start over)")
     try:
-        trainer.train()
+        trainer.train(resume_from_checkpoint=checkpoint)
     finally:
         if user_tags is None:
             os.environ.pop("WANDB_TAGS", None)

@@ -40,7 +40,14 @@ def test_every_model_yaml_parses_with_the_papers_settings():
             assert model_args.model_name_or_path == model, where
             assert model_args.use_peft and model_args.lora_r == 8 and model_args.lora_alpha == 16, where
             assert model_args.lora_target_modules in ("all-linear", ["all-linear"]), where
-            assert model_args.load_in_4bit and model_args.bnb_4bit_quant_type == "nf4", where
+            # the paper: bf16 LoRA for every model, 4-bit NF4 QLoRA only for GLM-4.5-Air
+            assert model_args.load_in_4bit == (model == "zai-org/GLM-4.5-Air"), where
+            assert model_args.bnb_4bit_quant_type == "nf4" and model_args.dtype == "bfloat16", where
+            # a launch config that fits: ZeRO-3 where the bf16 weights do not fit one GPU
+            launch = re.search(r"^# launch: .*--config_file (\S+)", path.read_text(), re.M).group(1)
+            assert (ROOT / launch).exists(), where
+            if model != "Qwen/Qwen3-4B-Instruct-2507":
+                assert launch.endswith(("zero3.yaml", "fsdp2.yaml")), where
             assert args.learning_rate == 1e-5 and args.warmup_steps == 0.1, where
             assert args.bf16 and args.gradient_checkpointing, where
             assert args.per_device_train_batch_size * args.gradient_accumulation_steps * gpus == effective_batch, where
@@ -280,7 +287,7 @@ def test_the_real_qlora_recipe_on_a_cpu_machine_says_it_needs_a_gpu(tmp_path):
             "ekto",
             [
                 "--model",
-                "Qwen/Qwen3-Coder-30B-A3B-Instruct",
+                "zai-org/GLM-4.5-Air",
                 "--dataset_name",
                 "data.jsonl",
                 "--output_dir",
@@ -293,7 +300,7 @@ def test_the_real_qlora_recipe_on_a_cpu_machine_says_it_needs_a_gpu(tmp_path):
             "ekto",
             [
                 "--model",
-                "Qwen/Qwen3-Coder-30B-A3B-Instruct",
+                "zai-org/GLM-4.5-Air",
                 "--dataset_name",
                 "data.jsonl",
                 "--output_dir",
@@ -371,3 +378,86 @@ def test_accelerate_launch_single_gpu_config_trains_on_cpu(recipe_data, tmp_path
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "launch" / "adapter_model.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# every shipped YAML, as shipped: only what a CPU forces is overridden (bf16, 4-bit loading, dtype), and the model,
+# data and output paths; never the batch size, the LoRA settings or the loss options
+# ---------------------------------------------------------------------------------------------------------------------
+
+SHIPPED = sorted(p for p in RECIPES_DIR.glob("*/*.yaml") if p.parent.name not in ("accelerate", "sweeps"))
+CPU_FORCED = ["--bf16", "false", "--load_in_4bit", "false", "--dtype", "float32", "--report_to", "none"]
+
+
+@pytest.mark.parametrize("config", SHIPPED, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_every_shipped_yaml_trains_one_step_as_shipped(config, recipe_data, tmp_path):
+    stage = config.stem
+    argv = ["--config", str(config), "--model_name_or_path", str(recipe_data / "model")]
+    argv += ["--dataset_name", str(recipe_data / f"{stage}.jsonl"), "--output_dir", str(tmp_path / "out")]
+    trainer = run_stage(stage, argv + CPU_FORCED + ["--max_steps", "1"])
+    assert trainer.state.global_step == 1
+    shipped = yaml.safe_load(config.read_text())
+    for key in ("per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "max_length"):
+        assert getattr(trainer.args, key) == shipped[key], key
+    for key in ("alpha", "beta", "z0_clamp", "kto_variant", "truncation_mode"):
+        if key in shipped:
+            assert getattr(trainer.args, key) == shipped[key], key
+    lora = trainer.model.peft_config["default"]
+    assert (lora.r, lora.lora_alpha, lora.lora_dropout) == (shipped["lora_r"], shipped["lora_alpha"], 0.05)
+    assert (tmp_path / "out" / "adapter_model.safetensors").exists()
+    if stage == "ekto":
+        logged = [entry for entry in trainer.state.log_history if "entropo/z0" in entry]
+        assert logged and all(entry["entropo/kl_same_prompt"] == 0.0 for entry in logged)
+
+
+def test_the_headline_kto_command_runs_as_written_in_the_issue(recipe_data, tmp_path):
+    """`python recipes/ekto.py --config recipes/qwen3-coder-30b-a3b-instruct/ekto.yaml ...` in a fresh process, with
+    the YAML's own output_dir (relative to the working directory)."""
+    command = [sys.executable, str(ROOT / "recipes" / "ekto.py")]
+    command += ["--config", str(RECIPES_DIR / "qwen3-coder-30b-a3b-instruct" / "ekto.yaml")]
+    command += ["--model_name_or_path", str(recipe_data / "model"), "--dataset_name", str(recipe_data / "ekto.jsonl")]
+    command += CPU_FORCED + ["--max_steps", "1"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = json.loads(next((tmp_path / "outputs").rglob("trainer_state.json")).read_text())
+    assert state["global_step"] == 1 and state["train_batch_size"] == 1
+
+
+def _resumable(recipe_data, out, *extra):
+    return run_stage(
+        "ekto",
+        ["--model", str(recipe_data / "model"), "--dataset_name", str(recipe_data / "ekto.jsonl")]
+        + ["--output_dir", str(out), "--bf16", "false", "--report_to", "none", "--use_peft", "--alpha", "0.11"]
+        + ["--lora_target_modules", "all-linear", "--gradient_checkpointing", "false", "--logging_steps", "1"]
+        + ["--per_device_train_batch_size", "1", "--save_strategy", "steps", "--save_steps", "1", *extra],
+    )
+
+
+def test_a_rerun_resumes_from_the_last_checkpoint(recipe_data, tmp_path, capsys):
+    out = tmp_path / "ekto"
+    _resumable(recipe_data, out, "--max_steps", "1")
+    first = out / "checkpoint-1"
+    stamps = {p.name: p.stat().st_mtime_ns for p in first.iterdir()}
+    trainer = _resumable(recipe_data, out, "--max_steps", "2")
+    assert f"Resuming the ekto run from {first}" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in first.iterdir()} == stamps, "checkpoint-1 was rewritten"
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
+    assert [entry["step"] for entry in state["log_history"] if "loss" in entry] == [1, 2]  # continued, not redone
+    assert trainer.state.global_step == 2
+
+    # an explicit checkpoint is honoured; --overwrite_output_dir starts over
+    trainer = _resumable(recipe_data, out, "--max_steps", "2", "--resume_from_checkpoint", str(first))
+    assert [e["step"] for e in trainer.state.log_history if "loss" in e] == [1, 2]
+    assert f"Resuming the ekto run from {first}" in capsys.readouterr().out
+    trainer = _resumable(recipe_data, tmp_path / "fresh", "--max_steps", "1")
+    trainer = _resumable(recipe_data, tmp_path / "fresh", "--max_steps", "1", "--overwrite_output_dir", "true")
+    assert "Resuming" not in capsys.readouterr().out and trainer.state.global_step == 1
+    with pytest.raises(SystemExit, match="no such checkpoint"):
+        _resumable(recipe_data, out, "--resume_from_checkpoint", str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("stage", ["sft", "verifier"])
+def test_sft_and_verifier_refuse_kto_style_rows(stage, recipe_data, tmp_path):
+    with pytest.raises(SystemExit, match=r"ekto.jsonl: the .* recipe trains on every row.*2 of 4 labelled false"):
+        run_stage(stage, _common(recipe_data, "ekto", tmp_path / stage))
