@@ -261,17 +261,18 @@ def _assistant_only_sft(dataset, tokenizer, max_length: int | None):
     return kept
 
 
-def refuse_labelled_rows(dataset, stage: str, name: str) -> None:
-    """SFT and the verifier train on every row they are given: KTO-style rows (a `label` column, failed trajectories
-    among them) would teach the model its failures. Refused, naming the file and the count, rather than filtered."""
-    if dataset is None or "label" not in dataset.column_names:
+def refuse_kto_rows(dataset, stage: str, name: str) -> None:
+    """SFT and the verifier train on every row they are given: KTO-style rows (`completion` and `label` columns, failed
+    trajectories among them) would teach the model its failures. Refused, naming the file and the count, rather than
+    filtered. (Verifier rows carry a `label` too, beside their `messages`: they are not refused.)"""
+    if dataset is None or not {"label", "completion"} <= set(dataset.column_names):
         return
     failed = sum(1 for label in dataset["label"] if not label)
     build = "`entropo-data sft` (successful trajectories)" if stage == "sft" else "`entropo-data verifier`"
     raise SystemExit(
-        f"{name}: the {stage} recipe trains on every row, and these rows carry a 'label' column (KTO-style rows, "
-        f"{failed} of {len(dataset)} labelled false). Build {stage} rows from the pool with {build}, or train them "
-        "with recipes/ekto.py."
+        f"{name}: the {stage} recipe trains on every row, and these are KTO-style rows ('completion' and 'label' "
+        f"columns, {failed} of {len(dataset)} labelled false). Build {stage} rows from the pool with {build}, or "
+        "train these with recipes/ekto.py."
     )
 
 
@@ -321,8 +322,8 @@ def run_stage(stage: str, argv: list[str] | None = None):
     model, tokenizer = load_model_and_tokenizer(model_args, training_args)
     train, evaluation = load_recipe_dataset(script_args)
     if stage in ("sft", "verifier"):
-        refuse_labelled_rows(train, stage, script_args.dataset_name)
-        refuse_labelled_rows(evaluation, stage, f"{script_args.dataset_name} ({script_args.dataset_test_split})")
+        refuse_kto_rows(train, stage, script_args.dataset_name)
+        refuse_kto_rows(evaluation, stage, f"{script_args.dataset_name} ({script_args.dataset_test_split})")
     if stage in ("sft", "verifier") and "messages" in train.column_names:
         training_args.assistant_only_loss = False  # the masks below do it, for any prefix-preserving template
         train = _assistant_only_sft(train, tokenizer, training_args.max_length)
