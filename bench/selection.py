@@ -2,10 +2,10 @@
 
     python bench/selection.py
 
-A pool of 500 instances x 16 trajectories (random rewards, finished flags, regression counts, verifier scores and
-steps). Timed: (1) hybrid selection of every instance plus pass@1, pass@k for k = 1..16 and the diversity measures
-(target < 2 s); (2) best-of-N curves for N = 1..16 with 1,000 draws each, for the hybrid selector and the oracle
-(target < 10 s).
+A pool of 500 instances x 16 trajectories (random rewards, finished flags, regression pass and fail counts out of 10
+PASS_TO_PASS tests, verifier scores and steps). Timed: (1) hybrid selection of every instance plus pass@1, pass@k for
+k = 1..16 and the diversity measures (target < 2 s); (2) best-of-N curves for N = 1..16 with 1,000 draws each, for the
+hybrid selector and the oracle (target < 10 s). Also printed: the resolve rate of every preset's choices.
 """
 
 import json
@@ -13,7 +13,7 @@ import random
 import time
 
 from entropo_trl.metrics import best_of_n_curve, oracle_rank, pass_at_k, pool_diversity
-from entropo_trl.selection import HybridSelector, select_pool
+from entropo_trl.selection import PRESETS, HybridSelector, select_pool
 from entropo_trl.trajectory import Trajectory
 
 
@@ -36,6 +36,8 @@ def synthetic_pool(instances=500, per_instance=16, seed=0):
                 )
                 messages.append({"role": "user", "content": "ok"})
             passed = rng.random() > difficulty
+            # a resolved patch passes every PASS_TO_PASS test; an unresolved one breaks some of them, or none
+            failures = 0 if passed or rng.random() < 0.5 else rng.randint(1, 4)
             group.append(
                 Trajectory(
                     instance_id=f"inst-{i}",
@@ -44,7 +46,8 @@ def synthetic_pool(instances=500, per_instance=16, seed=0):
                     finished=rng.random() < 0.85,
                     num_steps=steps,
                     patch=f"diff {i} {k % 5}",
-                    regression_pass_count=rng.randint(0, 10),
+                    regression_pass_count=10 - failures,
+                    regression_fail_count=failures,
                     verifier_prob=min(1.0, max(0.0, rng.gauss(0.7 if passed else 0.3, 0.2))),
                     episode_id=f"{i}/{k}",
                 )
@@ -70,6 +73,10 @@ def main():
     hybrid = best_of_n_curve(pool, selector.rank, range(1, 17), draws=1000)
     oracle = best_of_n_curve(pool, oracle_rank, range(1, 17), draws=1000)
     curves_s = time.perf_counter() - start
+    presets = {
+        name: sum(s.trajectory.passed for s in select_pool(pool, HybridSelector(name)).values()) / len(pool)
+        for name in PRESETS
+    }
 
     print(
         json.dumps(
@@ -83,6 +90,7 @@ def main():
                 "pass@16": round(pass_k[16], 4),
                 "best_of_16_hybrid": round(hybrid[-1].mean, 4),
                 "best_of_16_oracle": round(oracle[-1].mean, 4),
+                "resolve_rate_by_preset": {name: round(rate, 4) for name, rate in presets.items()},
                 "diversity": {k: (round(v, 4) if v is not None else None) for k, v in diversity.items()},
             },
             indent=2,

@@ -3,15 +3,31 @@
 The hybrid selector applies stages in order to one instance's candidate trajectories:
 
 1. `finished`: keep those whose last turn called `finish` (not cut by a step or token limit);
-2. `regression`: keep those with the most passing regression tests (a maximum, so the set never empties);
+2. `regression`, by `regression_rule`:
+   - `"free"` (the paper, §3.4): keep the regression-free candidates (`regression_fail_count == 0`, no
+     PASS_TO_PASS failure). When the fail counts are unknown (pools written before the oracle counted failures, R2E-Gym
+     logs that name no test), the stage falls back to the most passing regression tests among those candidates and
+     says so: a warning is logged (once per selector) and the [`Selection`]'s `notes["regression"]` explains it.
+     Known failures rank below unknown counts, which rank below known regression-free candidates;
+   - `"most_passed"` (the authors' code): keep those with the most passing regression tests;
 3. `reproduction`: keep those with the highest reproduction-test score;
-4. `verifier`: drop those whose verifier p(YES) is below a threshold (default 0.01);
-5. `steps`: the tie-break, most steps (SWE-bench Verified) or fewest (Lite).
+4. `verifier`: drop those whose verifier p(YES) is below a threshold (default 0.01; `verifier_inclusive` drops
+   p <= threshold, as the authors' code does); an unscored candidate (p(YES) None) is never dropped;
+5. `steps`: most steps (SWE-bench Verified) or fewest (Lite), counted as assistant turns or as messages.
 
-If a stage would empty the set, the set from before it is kept. Remaining ties go to the earliest candidate, so the
-choice is deterministic. Because every stage either filters (with that fallback) or keeps a maximum, the selector is
-the maximum of a lexicographic key: [`HybridSelector.rank`] gives every candidate a rank such that selecting from any
-subset is taking its highest-ranked member (what the best-of-N estimates in [`entropo_trl.metrics`] use).
+If a filtering stage would empty the set, the set from before it is kept (the trace marks the stage as fallen back).
+Remaining ties go by `tie_break`: `"index"`, the earliest candidate; `"verifier"`, the highest p(YES), then the
+earliest. An unscored candidate ranks below every scored one in that tie-break (as if p(YES) were minus infinity).
+
+The presets: `paper-verified` / `paper-lite` are the paper's selector (finished, regression-free, p(YES) >= 0.01,
+most / fewest turns; ties to the earliest). `authors-verified` / `authors-lite` reproduce `run_hybrid_verifier` of
+the authors' R2E-Gym fork (`create_bestofn_aggregate.py`) for "sweverify" / "swelite": finished (else all), sorted by
+p(YES) descending (a stable sort), Verified only the most regression passes and then the highest reproduction score,
+p(YES) > 0.01 (else all), then the longest / shortest history, the first in the p(YES) order on ties.
+
+Because every stage either filters (with that fallback) or keeps a maximum, the selector is the maximum of a
+lexicographic key: [`HybridSelector.rank`] gives every candidate a rank such that selecting from any subset is taking
+its highest-ranked member (what the best-of-N estimates in [`entropo_trl.metrics`] use).
 """
 
 from __future__ import annotations
@@ -32,6 +48,10 @@ from .trajectory import Trajectory
 logger = logging.getLogger(__name__)
 
 STAGES = ("finished", "regression", "reproduction", "verifier", "steps")
+REGRESSION_RULES = ("free", "most_passed")
+TIE_BREAKS = ("index", "verifier")
+# tiers of the "free" regression rule: known failures < unknown fail count (ranked by passes) < regression-free
+_FAILING, _UNKNOWN, _FREE = 0, 1, 2
 
 
 @dataclass
@@ -39,10 +59,12 @@ class SelectorConfig:
     """Which stages run, in which order, and their settings."""
 
     stages: list[str] = field(default_factory=lambda: ["finished", "regression", "verifier", "steps"])
+    regression_rule: str = "free"  # "free" (paper: no PASS_TO_PASS failure) or "most_passed" (authors' code)
     verifier_threshold: float = 0.01
     verifier_inclusive: bool = False  # drop p < threshold (paper); True: drop p <= threshold (authors' code)
     steps: str = "most"  # "most" or "fewest"
     steps_measure: str = "num_steps"  # "num_steps" (assistant turns) or "messages" (history length, authors' code)
+    tie_break: str = "index"  # remaining ties: "index" (the earliest) or "verifier" (highest p(YES), then earliest)
 
     def __post_init__(self):
         if not self.stages:
@@ -54,10 +76,15 @@ class SelectorConfig:
             raise ValueError(f"unknown selector stage(s) {unknown}; stages are {', '.join(STAGES)}")
         if len(set(self.stages)) != len(self.stages):
             raise ValueError(f"a stage is listed twice: {self.stages}")
-        if self.steps not in ("most", "fewest"):
-            raise ValueError(f"steps must be 'most' or 'fewest', got {self.steps!r}")
-        if self.steps_measure not in ("num_steps", "messages"):
-            raise ValueError(f"steps_measure must be 'num_steps' or 'messages', got {self.steps_measure!r}")
+        choices = {
+            "regression_rule": REGRESSION_RULES,
+            "steps": ("most", "fewest"),
+            "steps_measure": ("num_steps", "messages"),
+            "tie_break": TIE_BREAKS,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         try:
             self.verifier_threshold = float(self.verifier_threshold)  # YAML reads `1e-2` as a string
         except (TypeError, ValueError):
@@ -97,21 +124,25 @@ class SelectorConfig:
 
 
 PRESETS = {
-    # the paper's hybrid selector (§5): finished -> regression -> verifier -> most / fewest steps
+    # the paper's hybrid selector (§3.4): finished -> regression-free -> p(YES) >= 0.01 -> most / fewest turns
     "paper-verified": SelectorConfig(["finished", "regression", "verifier", "steps"], steps="most"),
     "paper-lite": SelectorConfig(["finished", "regression", "verifier", "steps"], steps="fewest"),
-    # the authors' released aggregation: adds the reproduction stage, drops p <= 0.01, counts history length
+    # the authors' released `run_hybrid_verifier` ("sweverify" / "swelite"): the most regression passes and the best
+    # reproduction score (Verified only), drops p <= 0.01, counts history length, ties to the highest p(YES)
     "authors-verified": SelectorConfig(
         ["finished", "regression", "reproduction", "verifier", "steps"],
+        regression_rule="most_passed",
         verifier_inclusive=True,
         steps="most",
         steps_measure="messages",
+        tie_break="verifier",
     ),
     "authors-lite": SelectorConfig(
-        ["finished", "regression", "reproduction", "verifier", "steps"],
+        ["finished", "verifier", "steps"],
         verifier_inclusive=True,
         steps="fewest",
         steps_measure="messages",
+        tie_break="verifier",
     ),
 }
 
@@ -123,6 +154,7 @@ class Selection:
     trajectory: Trajectory
     index: int
     trace: list[tuple[str, int, bool]]  # (stage, candidates left, fell back)
+    notes: dict[str, str] = field(default_factory=dict)  # stage -> why its rule did not apply as configured
 
 
 class HybridSelector:
@@ -135,14 +167,27 @@ class HybridSelector:
             config = PRESETS[config]
         self.config = replace(config or PRESETS["paper-verified"])  # a copy: the presets stay as they are
         self.config.stages = list(self.config.stages)
+        self._warned_unknown_failures = False
 
     # one key component per stage: larger is preferred
-    def _component(self, stage: str, t: Trajectory) -> float:
+    def _component(self, stage: str, t: Trajectory) -> Any:
         config = self.config
         if stage == "finished":
             return 1.0 if t.finished else 0.0
         if stage == "regression":
-            return -math.inf if t.regression_pass_count is None else float(t.regression_pass_count)
+            passed = -math.inf if t.regression_pass_count is None else float(t.regression_pass_count)
+            if config.regression_rule == "most_passed":
+                return passed
+            if t.regression_fail_count is not None:
+                return (_FREE if t.regression_fail_count == 0 else _FAILING, 0.0)
+            if not self._warned_unknown_failures:
+                self._warned_unknown_failures = True
+                logger.warning(
+                    "selector: some candidates have no regression_fail_count (PASS_TO_PASS failures unknown); the "
+                    "regression stage ranks them by passing regression tests, below regression-free candidates and "
+                    "above ones with known failures (each instance where this decided is noted in its selection)"
+                )
+            return (_UNKNOWN, passed)
         if stage == "reproduction":
             return -math.inf if t.reproduction_score is None else float(t.reproduction_score)
         if stage == "verifier":
@@ -157,8 +202,22 @@ class HybridSelector:
         size = t.num_steps if config.steps_measure == "num_steps" else len(t.messages)
         return float(size if config.steps == "most" else -size)
 
+    def _tie(self, t: Trajectory, index: int) -> tuple:
+        """The tie-break after the stages: the highest p(YES) (unscored lowest) with "verifier", then the earliest."""
+        if self.config.tie_break == "verifier":
+            return (-math.inf if t.verifier_prob is None else t.verifier_prob, -index)
+        return (-index,)
+
+    def _satisfied(self, stage: str, best: Any) -> bool:
+        """Whether the best candidate meets a filtering stage (False: the stage kept the set from before it)."""
+        if stage in ("finished", "verifier"):
+            return best > 0
+        if stage == "regression" and self.config.regression_rule == "free":
+            return best[0] == _FREE
+        return True
+
     def key(self, t: Trajectory, index: int) -> tuple:
-        return (*(self._component(stage, t) for stage in self.config.stages), -index)
+        return (*(self._component(stage, t) for stage in self.config.stages), *self._tie(t, index))
 
     def rank(self, trajectories: Sequence[Trajectory]) -> list[int]:
         """Distinct ranks (0 = least preferred): the selector's choice from any subset is its highest-ranked member."""
@@ -173,19 +232,21 @@ class HybridSelector:
         if not trajectories:
             raise ValueError("no candidate trajectories to select from")
         candidates = list(range(len(trajectories)))
-        trace = []
+        trace, notes = [], {}
         for stage in self.config.stages:
             values = {i: self._component(stage, trajectories[i]) for i in candidates}
-            if stage in ("finished", "verifier"):
-                kept = [i for i in candidates if values[i] > 0]
-            else:
-                best = max(values.values())
-                kept = [i for i in candidates if values[i] == best]
-            fell_back = not kept
-            candidates = candidates if fell_back else kept
-            trace.append((stage, len(candidates), fell_back))
-        chosen = min(candidates)  # remaining ties: the earliest candidate
-        return Selection(trajectories[chosen], chosen, trace)
+            best = max(values.values())
+            # a filter keeps the candidates that pass it: the maximum, or all of them (the fallback) when none does
+            candidates = [i for i in candidates if values[i] == best]
+            trace.append((stage, len(candidates), not self._satisfied(stage, best)))
+            if stage == "regression" and self.config.regression_rule == "free" and best[0] == _UNKNOWN:
+                unknown = sum(trajectories[i].regression_fail_count is None for i in values)
+                notes["regression"] = (
+                    f"PASS_TO_PASS failures unknown for {unknown} of {len(values)} candidates and none known "
+                    "regression-free: kept the most passing regression tests"
+                )
+        chosen = max(candidates, key=lambda i: self._tie(trajectories[i], i))
+        return Selection(trajectories[chosen], chosen, trace, notes)
 
 
 def select_pool(pool: dict[str, list[Trajectory]], selector: HybridSelector) -> dict[str, Selection]:

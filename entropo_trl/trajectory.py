@@ -88,6 +88,8 @@ class Trajectory:
         num_steps: the number of assistant turns.
         source: the model or run that produced the episode.
         regression_pass_count: passing regression (PASS_TO_PASS) tests, when they were run.
+        regression_fail_count: regression (PASS_TO_PASS) tests that did not pass, when known; 0 means the patch is
+            regression-free (what the paper's selector keeps).
         reproduction_score: the reproduction-test score, when reproduction tests were run.
         verifier_prob: the verifier's p(YES), when scored.
         episode_id: a key unique within a pool (e.g. `"{instance_id}/{source}/{sample}"`), used to resume rollouts.
@@ -103,6 +105,7 @@ class Trajectory:
     num_steps: int = 0
     source: str = ""
     regression_pass_count: int | None = None
+    regression_fail_count: int | None = None
     reproduction_score: float | None = None
     verifier_prob: float | None = None
     episode_id: str | None = None
@@ -214,6 +217,14 @@ def _float_or_none(value: Any, field_name: str) -> float | None:
     return float(value)
 
 
+def _count_or_none(value: Any, field_name: str) -> int | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise TrajectoryFormatError(
+            f"expected a non-negative integer, got {value!r}", field=field_name, reason=f"invalid {field_name}"
+        )
+    return value
+
+
 def _reward(value: Any, field_name: str = "reward") -> float:
     if value is None:
         raise TrajectoryFormatError(
@@ -291,13 +302,6 @@ def from_entropo(record: dict[str, Any]) -> Trajectory:
         raise TrajectoryFormatError(
             f"expected a non-negative integer, got {num_steps!r}", field="num_steps", reason="invalid num_steps"
         )
-    regression = record.get("regression_pass_count")
-    if regression is not None and (isinstance(regression, bool) or not isinstance(regression, int)):
-        raise TrajectoryFormatError(
-            f"expected an integer, got {regression!r}",
-            field="regression_pass_count",
-            reason="invalid regression_pass_count",
-        )
     return Trajectory(
         instance_id=_instance_id(record["instance_id"]),
         messages=messages,
@@ -307,7 +311,8 @@ def from_entropo(record: dict[str, Any]) -> Trajectory:
         patch=_string(record.get("patch"), "patch"),
         num_steps=int(num_steps),
         source=_string(record.get("source"), "source"),
-        regression_pass_count=regression,
+        regression_pass_count=_count_or_none(record.get("regression_pass_count"), "regression_pass_count"),
+        regression_fail_count=_count_or_none(record.get("regression_fail_count"), "regression_fail_count"),
         reproduction_score=_float_or_none(record.get("reproduction_score"), "reproduction_score"),
         verifier_prob=_float_or_none(record.get("verifier_prob"), "verifier_prob"),
         episode_id=_string(record.get("episode_id"), "episode_id", default=None),
@@ -355,9 +360,17 @@ def parse_pytest_statuses(output: str) -> dict[str, str]:
     return statuses
 
 
-def count_passed_tests(test_output: str) -> int:
-    """Passing tests in a pytest log, each test id counted once."""
-    return sum(status == "PASSED" for status in parse_pytest_statuses(test_output).values())
+def count_regression_tests(test_output: Any) -> tuple[int | None, int | None]:
+    """`(passed, failed)` in an R2E-Gym regression log (its `run_tests_regression` runs the instance's PASS_TO_PASS
+    tests under pytest), each test id counted once; failed counts the FAILED and ERROR statuses. No log: `(None,
+    None)`. A log in which no pytest status can be read (another framework, a run that never started): `(0, None)`,
+    the passes counted as the authors' code counts them, the failures unknown rather than claimed absent."""
+    if not isinstance(test_output, str):
+        return None, None
+    statuses = parse_pytest_statuses(test_output)
+    passed = sum(status == "PASSED" for status in statuses.values())
+    failed = sum(status in ("FAILED", "ERROR") for status in statuses.values())
+    return passed, (failed if statuses else None)
 
 
 def from_r2egym(record: dict[str, Any], keep_logs: bool = False) -> Trajectory:
@@ -403,7 +416,7 @@ def from_r2egym(record: dict[str, Any], keep_logs: bool = False) -> Trajectory:
             field="reproduction_test_scores",
             reason="invalid reproduction_test_scores",
         )
-    regression_output = record.get("regression_test_output")
+    regression_passed, regression_failed = count_regression_tests(record.get("regression_test_output"))
     metadata = {key: record[key] for key in _R2E_METADATA if record.get(key) is not None}
     metadata.update({f"ds.{key}": ds[key] for key in _DS_METADATA if ds.get(key) is not None})
     if keep_logs:
@@ -417,7 +430,8 @@ def from_r2egym(record: dict[str, Any], keep_logs: bool = False) -> Trajectory:
         patch=_string(record.get("output_patch"), "output_patch"),
         num_steps=sum(m["role"] == "assistant" for m in messages),
         source=_string(record.get("exp_name"), "exp_name"),
-        regression_pass_count=count_passed_tests(regression_output) if isinstance(regression_output, str) else None,
+        regression_pass_count=regression_passed,
+        regression_fail_count=regression_failed,
         reproduction_score=float(sum(scores)) if scores else None,
         verifier_prob=_float_or_none(record.get("verifier_prob"), "verifier_prob"),
         metadata=metadata,

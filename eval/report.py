@@ -50,8 +50,8 @@ def build_report(
     first_label, first_pool = next(iter(pools.items()))
     oracle = best_of_n_curve(first_pool, oracle_rank, ns, draws=draws, seed=seed)
     lines = [
-        f"# Test-time scaling report\n\nSelector: `{preset}` ({' -> '.join(selector.config.stages)}); "
-        f"best-of-N estimated from {draws} draws of N of each instance's rollouts.\n"
+        f"# Test-time scaling report\n\nSelector: `{preset}` ({' -> '.join(selector.config.stages)}; ties: "
+        f"{selector.config.tie_break}); best-of-N estimated from {draws} draws of N of each instance's rollouts.\n"
     ]
 
     # 1. resolve rate versus N
@@ -171,7 +171,11 @@ def build_report(
     for instance, group in sorted(first_pool.items())[:200]:
         selection = selector.select(group)
         chosen = selection.trajectory
-        fell = [stage for stage, _, fell_back in selection.trace if fell_back]
+        fell = [
+            f"{stage} (fail counts unknown: most passes)" if stage in selection.notes else stage
+            for stage, _, fell_back in selection.trace
+            if fell_back
+        ]
         lines.append(
             f"| {instance} | {len(group)} | {sum(t.passed for t in group)} | "
             f"{chosen.episode_id or selection.index} | {chosen.reward:g} | {', '.join(fell) or '-'} |"

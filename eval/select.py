@@ -6,7 +6,8 @@ first) and write the choices as a pool of their own.
         --verifier_model me/qwen3-coder-30b-verifier --output selected.jsonl
     python eval/select.py --pool pool.jsonl --stages finished,regression,steps --steps fewest --output selected.jsonl
 
-Prints the resolve rate of the choices when the pool carries rewards, and how often each stage fell back.
+Prints the resolve rate of the choices when the pool carries rewards, how often each stage fell back, and for how many
+instances the paper's regression-free rule had no fail counts to go by (it then keeps the most passing tests).
 """
 
 import os
@@ -24,6 +25,8 @@ from collections import Counter  # noqa: E402
 
 from entropo_trl.selection import (  # noqa: E402
     PRESETS,
+    REGRESSION_RULES,
+    TIE_BREAKS,
     HybridSelector,
     SelectorConfig,
     group_by_instance,
@@ -46,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--drop_stage", action="append", default=[], help="remove a stage (ablation); repeatable")
     parser.add_argument("--verifier_threshold", type=float)
     parser.add_argument("--steps", choices=["most", "fewest"])
+    parser.add_argument("--regression_rule", choices=REGRESSION_RULES, help="free (paper) or most_passed (authors)")
+    parser.add_argument("--tie_break", choices=TIE_BREAKS, help="remaining ties: index (earliest) or verifier")
     parser.add_argument("--verifier_url", help="OpenAI-compatible endpoint serving the verifier (scores first)")
     parser.add_argument("--verifier_model", help="model name at --verifier_url")
     parser.add_argument("--verifier_concurrency", type=int, default=16)
@@ -60,9 +65,9 @@ def selector_from_args(args) -> HybridSelector:
     else:
         config = SelectorConfig.from_dict({"preset": args.preset or "paper-verified"})
     overrides = {
-        k: v
-        for k, v in (("stages", args.stages), ("verifier_threshold", args.verifier_threshold), ("steps", args.steps))
-        if v is not None
+        name: getattr(args, name)
+        for name in ("stages", "verifier_threshold", "steps", "regression_rule", "tie_break")
+        if getattr(args, name) is not None
     }
     if overrides:
         config = SelectorConfig.from_dict({**config.__dict__, **overrides})
@@ -96,12 +101,16 @@ def main(argv=None) -> int:
     os.replace(partial, args.output)
     fallbacks = Counter(stage for s in selections.values() for stage, _, fell in s.trace if fell)
     resolved = sum(s.trajectory.passed for s in selections.values())
-    print(f"selector: {' -> '.join(selector.config.stages)} (steps: {selector.config.steps})")
+    config = selector.config
+    print(f"selector: {' -> '.join(config.stages)} (steps: {config.steps}, ties: {config.tie_break})")
     print(
         f"{len(selections)} instances, {len(trajectories)} trajectories; chosen resolve rate "
         f"{resolved}/{len(selections)} = {resolved / max(1, len(selections)):.1%} (from the pool's rewards)"
     )
     print(f"stages that fell back: {dict(fallbacks) or 'none'}")
+    noted = sum("regression" in s.notes for s in selections.values())
+    if noted:
+        print(f"regression fail counts unknown, most passes kept: {noted} of {len(selections)} instances")
     print(f"selected: {args.output}")
     return 0
 

@@ -91,11 +91,38 @@ def test_the_test_patch_is_applied_and_the_agents_test_edits_are_reset(instance)
     factory = default_sandbox_factory("local")
     gold = evaluate_patch(task, instance["gold_patch"], factory)
     assert gold.reward == 1.0 and gold.fail_to_pass == {F2P[0]: True} and gold.regression_pass_count == 1
+    assert gold.regression_fail_count == 0
     assert evaluate_patch(task, "", factory).reward == 0.0  # the bug is real
     # an agent that "fixes" the old test instead of the code: its test edit is reset before the tests run
     cheat = _diff(Path(instance["repo_path"]), "tests/test_geo.py", OLD_TESTS.replace("== 4", "== 4 or True"))
     result = evaluate_patch(task, cheat, factory)
     assert result.patch_applied and result.reward == 0.0 and result.fail_to_pass == {F2P[0]: False}
+
+
+def test_the_oracle_counts_regression_failures_and_labels_the_trajectory(instance):
+    """The PASS_TO_PASS tests that do not pass are the regression fail count (0: regression-free), written onto the
+    episode's trajectory with the pass count, the reward and whether the patch applied."""
+    from entropo_trl.trajectory import Trajectory
+
+    task = task_from_swebench(instance)
+    factory = default_sandbox_factory("local")
+    gold = evaluate_patch(task, instance["gold_patch"], factory)
+    assert (gold.regression_pass_count, gold.regression_fail_count) == (1, 0)
+    breaking = _diff(Path(instance["repo_path"]), "geo.py", "def area(w, h):\n    return 0\n")  # breaks P2P too
+    broken = evaluate_patch(task, breaking, factory)
+    assert broken.pass_to_pass == {P2P[0]: False}
+    assert (broken.regression_pass_count, broken.regression_fail_count) == (0, 1)
+    unapplied = evaluate_patch(
+        task, "diff --git a/nothing b/nothing\n--- a/nothing\n+++ b/nothing\n@@ -1 +1 @@\n-a\n+b\n", factory
+    )
+    assert not unapplied.patch_applied and unapplied.regression_fail_count == len(P2P)
+    trajectory = Trajectory(instance_id=task.instance_id, messages=[{"role": "user", "content": "fix"}], reward=0.0)
+    assert broken.label(trajectory) is trajectory
+    assert (trajectory.reward, trajectory.regression_pass_count, trajectory.regression_fail_count) == (0.0, 0, 1)
+    gold.label(trajectory)
+    assert (trajectory.reward, trajectory.regression_pass_count, trajectory.regression_fail_count) == (1.0, 1, 0)
+    assert trajectory.metadata["patch_applied"] is True
+    assert unapplied.label(trajectory).metadata["patch_applied"] is False
 
 
 def test_a_broken_test_patch_is_an_oracle_error(instance):
@@ -126,6 +153,7 @@ def test_an_instance_with_its_own_eval_script_is_graded_by_swebench(instance):
     assert gold.reward == 1.0 and gold.fail_to_pass == {f2p[0]: True} and gold.pass_to_pass == {P2P[0]: True}
     unfixed = evaluate_patch(task, "", factory)
     assert unfixed.reward == 0.0 and unfixed.fail_to_pass == {f2p[0]: False} and unfixed.pass_to_pass == {P2P[0]: True}
+    assert unfixed.regression_fail_count == 0  # the bug is unfixed, but nothing regressed
 
 
 def test_a_test_command_that_cannot_run_is_an_oracle_error(instance):

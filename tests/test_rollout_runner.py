@@ -86,7 +86,9 @@ def test_scripted_solver_giver_up_and_looper(toy_tasks, tmp_path):
     solved = list(read_trajectories(pool))
     for t in solved:
         assert t.reward == 1.0 and t.finished and t.exit_reason == "agent" and t.num_steps == 4
-        assert t.regression_pass_count > 0 and "+" in t.patch and t.source == "scripted"
+        assert (
+            t.regression_pass_count > 0 and t.regression_fail_count == 0 and "+" in t.patch and t.source == "scripted"
+        )
         assert t.messages[0]["content"].startswith("You are a programming agent")
         assert t.messages[-1]["role"] == "assistant" and "<function=finish>" in t.messages[-1]["content"]
         assert all(m["content"].rstrip().split("\n")[-1].startswith("Steps Remaining:") for m in t.messages[3::2])

@@ -1,11 +1,15 @@
 import asyncio
+import importlib.util
 import json
 import math
 import random
 import re
 import threading
 import time
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from test_trajectory import _fixture, traj
@@ -19,7 +23,7 @@ from entropo_trl.selection import (
     score_with_endpoint,
     score_with_model,
 )
-from entropo_trl.trajectory import read_trajectories
+from entropo_trl.trajectory import Trajectory, read_trajectories, write_trajectories
 
 
 def candidates():
@@ -35,17 +39,18 @@ def candidates():
     ]
 
 
-# By hand. finished: {1, 2, 3, 4}; regression (max 7): {1, 2, 3}; reproduction (max 2.0): {2, 3};
-# verifier: the paper drops p < 0.01 ({1, 3} after regression), the authors' code drops p <= 0.01 (both of {2, 3}:
-# the stage falls back); steps: most or fewest turns (the authors count messages).
+# By hand. finished: {1, 2, 3, 4}; regression (no fail counts, so the most passes, 7): {1, 2, 3}; reproduction
+# (max 2.0): {2, 3}; verifier: the paper drops p < 0.01 ({1, 3} after regression), the authors' code drops p <= 0.01
+# (both of {2, 3}: the stage falls back); steps: most or fewest turns (the authors count messages).
 
 
 def test_presets_pick_the_hand_computed_candidate():
     pool = candidates()
     picks = {name: HybridSelector(name).select(pool).index for name in PRESETS}
     # authors-verified: after reproduction {2, 3}; p <= 0.01 drops both, so the stage falls back to {2, 3}; the most
-    # messages is candidate 2 (6 turns)
-    assert picks == {"paper-verified": 1, "paper-lite": 3, "authors-verified": 2, "authors-lite": 3}
+    # messages is candidate 2 (6 turns). authors-lite has no regression or reproduction stage: p > 0.01 keeps {1, 4}
+    # of the finished ones, the fewest messages is candidate 1 (4 turns)
+    assert picks == {"paper-verified": 1, "paper-lite": 3, "authors-verified": 2, "authors-lite": 1}
     trace = HybridSelector("authors-verified").select(pool).trace
     assert trace == [
         ("finished", 4, False),
@@ -71,12 +76,22 @@ def test_each_ablation_of_the_paper_selector(stage, expected):
     assert selector.select(candidates()).index == expected
 
 
+def _selectors():
+    """Every preset, and each with the other tie-break and the other regression rule."""
+    for name, config in PRESETS.items():
+        yield name, HybridSelector(config)
+        other = "index" if config.tie_break == "verifier" else "verifier"
+        yield f"{name}, tie_break={other}", HybridSelector(replace(config, tie_break=other))
+        if "regression" in config.stages:
+            rule = "free" if config.regression_rule == "most_passed" else "most_passed"
+            yield f"{name}, regression_rule={rule}", HybridSelector(replace(config, regression_rule=rule))
+
+
 def test_rank_agrees_with_select_on_every_subset():
     import itertools
 
     pool = candidates()
-    for name in PRESETS:
-        selector = HybridSelector(name)
+    for name, selector in _selectors():
         ranks = selector.rank(pool)
         assert sorted(ranks) == list(range(len(pool)))
         for size in range(1, len(pool) + 1):
@@ -84,6 +99,228 @@ def test_rank_agrees_with_select_on_every_subset():
                 chosen = selector.select([pool[i] for i in subset]).trajectory
                 best = max(subset, key=lambda i: ranks[i])
                 assert chosen is pool[best], (name, subset)
+
+
+def _random_candidate(rng, instance="R"):
+    """A candidate with many ties: small ranges, repeated p(YES) values, and unknown values (None) mixed in."""
+    return traj(
+        instance,
+        float(rng.random() < 0.4),
+        turns=rng.randint(1, 4),
+        finished=rng.random() < 0.7,
+        regression_pass_count=rng.choice([None, 0, 1, 2, 2]),
+        regression_fail_count=rng.choice([None, 0, 0, 1, 2]),
+        reproduction_score=rng.choice([None, 0.0, 1.0, 1.0]),
+        verifier_prob=rng.choice([None, 0.0, 0.005, 0.01, 0.01, 0.5, 0.5, 0.9]),
+    )
+
+
+def test_rank_agrees_with_select_on_random_subsets():
+    rng = random.Random(11)
+    checked = 0
+    for _ in range(300):
+        pool = [_random_candidate(rng) for _ in range(rng.randint(1, 9))]
+        for name, selector in _selectors():
+            ranks = selector.rank(pool)
+            for _ in range(3):
+                subset = sorted(rng.sample(range(len(pool)), rng.randint(1, len(pool))))
+                chosen = selector.select([pool[i] for i in subset]).trajectory
+                assert chosen is pool[max(subset, key=lambda i: ranks[i])], (name, subset)
+                checked += 1
+    assert checked == 300 * 3 * len(list(_selectors()))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The authors' released selection (R2E-Gym fork, create_bestofn_aggregate.py, run_hybrid_verifier), transcribed
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def authors_sweverify(sub_trajs):
+    hybrid_candidates = [traj for traj in sub_trajs if traj.finished_score == 1]
+    if not hybrid_candidates:
+        hybrid_candidates = sub_trajs
+    n = len(hybrid_candidates)
+    hybrid_candidates = sorted(hybrid_candidates, key=lambda x: x.verifier_prob, reverse=True)[:n]
+    max_regression_hybrid = max(traj.regression_pass_count for traj in hybrid_candidates)
+    hybrid_candidates = [traj for traj in hybrid_candidates if traj.regression_pass_count == max_regression_hybrid]
+    max_reproduction_hybrid = max(traj.reproduction_test_score for traj in hybrid_candidates)
+    hybrid_candidates = [traj for traj in hybrid_candidates if traj.reproduction_test_score == max_reproduction_hybrid]
+    last_candidates = [traj for traj in hybrid_candidates if traj.verifier_prob > 0.01]
+    if not last_candidates:
+        last_candidates = hybrid_candidates
+    return max(last_candidates, key=lambda x: len(x.history))
+
+
+def authors_swelite(sub_trajs):
+    hybrid_candidates = [traj for traj in sub_trajs if traj.finished_score == 1]
+    if not hybrid_candidates:
+        hybrid_candidates = sub_trajs
+    n = len(hybrid_candidates)
+    hybrid_candidates = sorted(hybrid_candidates, key=lambda x: x.verifier_prob, reverse=True)[:n]
+    last_candidates = [traj for traj in hybrid_candidates if traj.verifier_prob > 0.01]
+    if not last_candidates:
+        last_candidates = hybrid_candidates
+    return min(last_candidates, key=lambda x: len(x.history))
+
+
+def _authors_pool(rng):
+    """R2E-Gym-like records (the fields the authors' code reads) and the same candidates as trajectories."""
+    records, trajectories = [], []
+    for _ in range(rng.randint(1, 8)):
+        length = rng.randint(2, 4)
+        history = [{"role": "system", "content": "agent"}, {"role": "user", "content": "issue"}]
+        history += [{"role": "assistant", "content": f"step {k}"} for k in range(length - 2)]
+        scores = rng.choice([[], [0], [0], [1], [0, 1]])
+        record = SimpleNamespace(
+            finished_score=rng.choice([None, 0, 1, 1]),
+            verifier_prob=rng.choice([0.0, 0.005, 0.01, 0.01, 0.02, 0.3, 0.5, 0.5, 0.9, 1.0]),
+            regression_pass_count=rng.choice([0, 1, 1]),
+            reproduction_test_scores=scores,
+            history=history,
+        )
+        record.reproduction_test_score = sum(record.reproduction_test_scores)  # the authors' property
+        records.append(record)
+        trajectories.append(
+            Trajectory(
+                instance_id="A",
+                messages=history,
+                reward=0.0,
+                finished=record.finished_score == 1,
+                num_steps=length - 2,
+                regression_pass_count=record.regression_pass_count,
+                regression_fail_count=rng.choice([None, 0, 1]),  # not read by the authors' code
+                reproduction_score=float(record.reproduction_test_score),
+                verifier_prob=record.verifier_prob,
+            )
+        )
+    return records, trajectories
+
+
+@pytest.mark.parametrize(
+    "preset,authors", [("authors-verified", authors_sweverify), ("authors-lite", authors_swelite)]
+)
+def test_authors_presets_equal_the_authors_selection(preset, authors):
+    """3,000 random pools with deliberate ties: the preset picks the authors' candidate on every one, by `select` and
+    by `rank`; the p(YES) tie-break decides a good share of them (the earliest candidate would differ there)."""
+    rng = random.Random(f"{preset}-2024")
+    selector = HybridSelector(preset)
+    by_index = HybridSelector(replace(PRESETS[preset], tie_break="index"))
+    agreed = tie_break_decided = 0
+    for _ in range(3000):
+        records, trajectories = _authors_pool(rng)
+        chosen = authors(records)
+        expected = next(i for i, record in enumerate(records) if record is chosen)
+        assert selector.select(trajectories).index == expected
+        ranks = selector.rank(trajectories)
+        assert max(range(len(ranks)), key=ranks.__getitem__) == expected
+        agreed += 1
+        tie_break_decided += by_index.select(trajectories).index != expected
+    assert agreed == 3000
+    assert tie_break_decided >= 50, tie_break_decided  # 60 (Verified) and 228 (Lite) with these seeds
+
+
+def test_verifier_tie_break_and_unscored_candidates():
+    """With `tie_break: verifier` ties go to the highest p(YES), then the earliest; an unscored candidate is never
+    dropped by the threshold and loses ties to every scored one (p = 0 included)."""
+    pool = [
+        traj("T", 1.0, turns=3, verifier_prob=None),
+        traj("T", 1.0, turns=3, verifier_prob=0.4),
+        traj("T", 1.0, turns=3, verifier_prob=0.7),
+        traj("T", 1.0, turns=3, verifier_prob=0.7),
+    ]
+    config = SelectorConfig(["finished", "verifier", "steps"], tie_break="verifier")
+    assert HybridSelector(config).select(pool).index == 2
+    assert HybridSelector(replace(config, tie_break="index")).select(pool).index == 0
+    unscored_or_zero = [traj("T", 1.0, verifier_prob=None), traj("T", 1.0, verifier_prob=0.0)]
+    selection = HybridSelector(replace(config, stages=["finished", "steps"])).select(unscored_or_zero)
+    assert selection.index == 1
+    # the threshold drops p = 0.0 and keeps the unscored one
+    assert HybridSelector(config).select(unscored_or_zero).index == 0
+    with pytest.raises(ValueError, match="tie_break must be one of index, verifier"):
+        SelectorConfig(tie_break="random")
+    with pytest.raises(ValueError, match="regression_rule must be one of free, most_passed"):
+        SelectorConfig.from_dict({"regression_rule": "max"})
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The paper's regression stage: regression-free candidates
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def regression_pool():
+    """Four candidates: the most passes (0) has a PASS_TO_PASS failure; 1 and 2 are regression-free."""
+    return [
+        traj("G", 0.0, turns=5, regression_pass_count=10, regression_fail_count=1, verifier_prob=0.9),  # 0
+        traj("G", 1.0, turns=3, regression_pass_count=8, regression_fail_count=0, verifier_prob=0.5),  # 1
+        traj("G", 1.0, turns=4, regression_pass_count=8, regression_fail_count=0, verifier_prob=0.6),  # 2
+        traj("G", 0.0, turns=9, finished=False, regression_pass_count=11, regression_fail_count=0),  # 3
+    ]
+
+
+@pytest.mark.parametrize("preset,expected", [("paper-verified", 2), ("paper-lite", 1)])
+def test_paper_presets_keep_the_regression_free_candidates(preset, expected, caplog):
+    selection = HybridSelector(preset).select(regression_pool())
+    assert selection.index == expected  # the most passes would have kept candidate 0 alone
+    assert selection.trace[:2] == [("finished", 3, False), ("regression", 2, False)]
+    assert selection.notes == {} and "regression_fail_count" not in caplog.text
+    # the authors' rule keeps the most passes
+    assert HybridSelector(replace(PRESETS[preset], regression_rule="most_passed")).select(regression_pool()).index == 0
+
+
+def test_regression_stage_reverts_when_no_candidate_is_regression_free():
+    pool = regression_pool()[:3]
+    for t in pool:
+        t.regression_fail_count = 2
+    selection = HybridSelector("paper-verified").select(pool)
+    assert selection.trace[1] == ("regression", 3, True)  # all three kept: the set from before the stage
+    assert selection.index == 0 and selection.notes == {}  # most turns among all three
+
+
+def test_unknown_fail_counts_fall_back_to_the_most_passes_and_say_so(caplog):
+    pool = regression_pool()[:3]
+    for t in pool:
+        t.regression_fail_count = None
+    selector = HybridSelector("paper-lite")
+    with caplog.at_level("WARNING", logger="entropo_trl.selection"):
+        first = selector.select(pool)
+        second = selector.select(pool)
+    assert first.index == second.index == 0  # the most passes
+    assert first.trace[1] == ("regression", 1, True)
+    assert first.notes == {
+        "regression": "PASS_TO_PASS failures unknown for 3 of 3 candidates and none known regression-free: kept the "
+        "most passing regression tests"
+    }
+    assert caplog.text.count("no regression_fail_count") == 1  # warned once per selector, noted per selection
+
+
+def test_mixed_fail_counts_rank_free_then_unknown_then_failing():
+    """A known regression-free candidate beats an unknown one with more passes; an unknown one beats a known failure
+    with more passes (it may be regression-free)."""
+    free = traj("M", 1.0, regression_pass_count=3, regression_fail_count=0)
+    unknown = traj("M", 1.0, regression_pass_count=5, regression_fail_count=None)
+    failing = traj("M", 1.0, regression_pass_count=9, regression_fail_count=1)
+    selector = HybridSelector(SelectorConfig(["regression"]))
+    assert selector.select([failing, unknown, free]).trajectory is free
+    selection = selector.select([failing, unknown])
+    assert selection.trajectory is unknown and selection.trace == [("regression", 1, True)] and selection.notes
+    assert selector.rank([failing, unknown, free]) == [0, 1, 2]
+
+
+def test_selections_from_the_cli_report_unknown_fail_counts(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("eval_select", Path(__file__).parents[1] / "eval" / "select.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    pool = tmp_path / "pool.jsonl"
+    write_trajectories(pool, [*regression_pool(), *candidates()])  # fail counts known for G, unknown for I
+    output = tmp_path / "selected.jsonl"
+    assert module.main(["--pool", str(pool), "--preset", "paper-verified", "--output", str(output)]) == 0
+    printed = capsys.readouterr().out
+    assert "regression fail counts unknown, most passes kept: 1 of 2 instances" in printed
+    assert (
+        module.main(["--pool", str(pool), "--preset", "authors-lite", "--tie_break", "index", "--output", str(output)])
+        == 0
+    )
+    assert "ties: index" in capsys.readouterr().out
 
 
 def test_fallback_when_every_candidate_is_unfinished():

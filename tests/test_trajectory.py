@@ -13,6 +13,7 @@ from entropo_trl.trajectory import (
     ReadStats,
     Trajectory,
     TrajectoryFormatError,
+    from_r2egym,
     read_trajectories,
     write_trajectories,
 )
@@ -115,6 +116,7 @@ def test_write_then_read_round_trips(tmp_path):
             "a",
             1.0,
             regression_pass_count=3,
+            regression_fail_count=0,
             reproduction_score=2.0,
             verifier_prob=0.7,
             episode_id="a/0",
@@ -126,6 +128,18 @@ def test_write_then_read_round_trips(tmp_path):
     assert write_trajectories(pool, records[1:]) == 1  # appends
     assert list(read_trajectories(pool)) == records
     assert list(read_trajectories(pool, format="entropo")) == records
+    first, second = (json.loads(line) for line in pool.read_text().splitlines())
+    assert first["regression_fail_count"] == 0 and second["regression_fail_count"] is None
+
+
+def test_records_without_a_fail_count_read_as_unknown(tmp_path):
+    """Pools written before the oracle counted PASS_TO_PASS failures have no `regression_fail_count` key."""
+    record = json.loads(_entropo(regression_pass_count=4, regression_fail_count=_DELETE))
+    assert "regression_fail_count" not in record
+    pool = tmp_path / "old.jsonl"
+    pool.write_text(json.dumps(record) + "\n")
+    [old] = read_trajectories(pool)
+    assert old.regression_pass_count == 4 and old.regression_fail_count is None
 
 
 def test_plain_dicts_are_validated_before_writing(tmp_path):
@@ -224,6 +238,29 @@ def test_killed_writer_never_yields_half_a_record(tmp_path):
 GOOD = traj("good").to_dict()
 
 
+def test_r2egym_regression_counts_come_from_the_regression_log():
+    """The real fixture's records carry no regression log (fail count unknown); given one (their real pytest log,
+    13 passed and 2 failed), the passes and the FAILED / ERROR statuses are counted."""
+    path = _fixture("r2egym_trajectories_qwen3coder.jsonl")
+    originals = [json.loads(line) for line in path.read_text().splitlines()]
+    assert all(original["regression_test_output"] is None for original in originals)
+    assert all(r.regression_pass_count is None and r.regression_fail_count is None for r in read_trajectories(path))
+    original = originals[0]
+    log = original["test_output"]
+    assert "= 2 failed, 13 passed in" in log
+    record = from_r2egym({**original, "regression_test_output": log})
+    assert (record.regression_pass_count, record.regression_fail_count) == (13, 2)
+    error = log + "\nERROR astropy/modeling/tests/test_core.py - ImportError: cannot import name 'x'\n"
+    record = from_r2egym({**original, "regression_test_output": error})
+    assert record.regression_fail_count == 3
+    # a log in which no pytest status can be read: passes 0 (as the authors' code counts), failures unknown
+    record = from_r2egym({**original, "regression_test_output": "Ran 12 tests in 0.4s\n\nOK\n"})
+    assert (record.regression_pass_count, record.regression_fail_count) == (0, None)
+    clean = "\n".join(line for line in log.splitlines() if not line.startswith("FAILED"))
+    record = from_r2egym({**original, "regression_test_output": clean})
+    assert (record.regression_pass_count, record.regression_fail_count) == (13, 0)
+
+
 def _entropo(**changes):
     record = json.loads(json.dumps(GOOD))
     for key, value in changes.items():
@@ -273,6 +310,21 @@ MALFORMED = {
     "NaN reward": (_entropo(reward=math.nan), "reward", "invalid reward"),
     "string reward": (_entropo(reward="1"), "reward", "invalid reward"),
     "string num_steps": (_entropo(num_steps="three"), "num_steps", "invalid num_steps"),
+    "string regression_pass_count": (
+        _entropo(regression_pass_count="7"),
+        "regression_pass_count",
+        "invalid regression_pass_count",
+    ),
+    "negative regression_fail_count": (
+        _entropo(regression_fail_count=-1),
+        "regression_fail_count",
+        "invalid regression_fail_count",
+    ),
+    "boolean regression_fail_count": (
+        _entropo(regression_fail_count=False),
+        "regression_fail_count",
+        "invalid regression_fail_count",
+    ),
     "list metadata": (_entropo(metadata=[]), "metadata", "invalid metadata"),
     "other schema version": (_entropo(schema="entropo-trajectory/999"), "schema", "unknown schema"),
     "missing reward": (_entropo(reward=_DELETE), "reward", "missing reward"),

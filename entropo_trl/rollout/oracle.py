@@ -1,7 +1,9 @@
 """The test oracle: apply an episode's patch in a fresh sandbox, run the instance's tests, parse the results.
 
-Reward 1 when every FAIL_TO_PASS and every PASS_TO_PASS test passes, else 0; the regression pass count is the number
-of PASS_TO_PASS tests that pass (what the hybrid selector's regression stage ranks by).
+Reward 1 when every FAIL_TO_PASS and every PASS_TO_PASS test passes, else 0. The regression counts are the
+PASS_TO_PASS tests that pass and those that do not (failed, errored, or missing from the log): the paper's hybrid
+selector keeps the regression-free candidates (fail count 0), the authors' code the most passing ones.
+[`OracleResult.label`] writes the reward and both counts onto the episode's trajectory.
 
 Two ways to run the tests:
 
@@ -26,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..trajectory import parse_pytest_statuses
+from ..trajectory import Trajectory, parse_pytest_statuses
 from .sandbox import CommandResult, Sandbox
 from .tasks import DEFAULT_TEST_COMMAND, Task
 
@@ -45,7 +47,22 @@ class OracleResult:
 
     @property
     def regression_pass_count(self) -> int:
+        """PASS_TO_PASS tests that pass."""
         return sum(self.pass_to_pass.values())
+
+    @property
+    def regression_fail_count(self) -> int:
+        """PASS_TO_PASS tests that do not pass: 0 when the patch is regression-free."""
+        return len(self.pass_to_pass) - self.regression_pass_count
+
+    def label(self, trajectory: Trajectory) -> Trajectory:
+        """Write the verdict onto `trajectory` (in place): reward, regression pass and fail counts, and
+        `metadata["patch_applied"]`; returns it."""
+        trajectory.reward = self.reward
+        trajectory.regression_pass_count = self.regression_pass_count
+        trajectory.regression_fail_count = self.regression_fail_count
+        trajectory.metadata["patch_applied"] = self.patch_applied
+        return trajectory
 
 
 def evaluate_patch(

@@ -183,9 +183,7 @@ async def run_episode(
     trajectory.metadata["labelled"] = bool(config.oracle and (task.FAIL_TO_PASS or task.PASS_TO_PASS))
     if trajectory.metadata["labelled"]:
         result = await _blocking(executor, evaluate_patch, task, patch, sandbox_factory, config.oracle_timeout)
-        trajectory.reward = result.reward
-        trajectory.regression_pass_count = result.regression_pass_count
-        trajectory.metadata["patch_applied"] = result.patch_applied
+        result.label(trajectory)
     return trajectory
 
 
