@@ -324,3 +324,37 @@ def test_cli_rejects_bad_options_before_starting_anything(tmp_path, capsys, extr
         main(["--tasks", str(tmp_path), "--pool", str(tmp_path / "pool.jsonl"), *extra])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "pool.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, steps, context",
+    [
+        ([], 100, 65_536),
+        (["--preset", "eval"], 200, 131_072),
+        (["--preset", "eval", "--max_steps", "50"], 50, 131_072),
+    ],
+)
+def test_cli_presets_set_the_papers_limits(tmp_path, monkeypatch, extra, steps, context):
+    """`--preset eval` is the paper's test-time setting (200 steps, 131,072 tokens, temperature 0.7, top_p 0.8,
+    top_k 20), down to the served model's context; pool generation keeps the authors' 100 steps and 65,536 tokens."""
+    import types
+
+    import entropo_trl.rollout.serve
+    from entropo_trl.rollout import cli
+
+    seen = {}
+
+    async def fake_run(args, config, base_url, model):
+        seen.update(config=config, context=args.max_context_tokens, base_url=base_url)
+        return "summary"
+
+    def fake_vllm(model, **kwargs):
+        seen["served"] = kwargs
+        return types.SimpleNamespace(base_url="http://127.0.0.1:1/v1", stop=lambda: None)
+
+    monkeypatch.setattr(cli, "_run", fake_run)
+    monkeypatch.setattr(entropo_trl.rollout.serve, "start_vllm_server", fake_vllm)
+    cli.main(["--tasks", str(tmp_path), "--pool", str(tmp_path / "p.jsonl"), "--serve_vllm", "org/model", *extra])
+    config = seen["config"]
+    assert config.max_steps == steps and seen["context"] == context and seen["served"]["max_model_len"] == context
+    assert (config.sampling.temperature, config.sampling.top_p, config.sampling.top_k) == (0.7, 0.8, 20)

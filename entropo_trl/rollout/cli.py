@@ -7,6 +7,10 @@
     entropo-rollout --tasks toy_tasks/ --serve_transformers ./tiny-model --pool pool.jsonl --max_steps 10
 
 Rerunning the same command resumes: episodes already in the pool are skipped.
+
+`--preset pool` (the default) uses the authors' limits for preference pools: 100 steps, a 65,536-token context;
+`--preset eval` the paper's test-time limits: 200 steps, 131,072 tokens. Both sample at temperature 0.7, top_p 0.8,
+top_k 20 (the Qwen3 card's settings, which the paper uses). An explicit flag overrides its preset's value.
 """
 
 from __future__ import annotations
@@ -18,6 +22,13 @@ import sys
 from .client import ChatClient, SamplingParams
 from .runner import RolloutConfig, run_rollouts
 from .tasks import load_tasks
+
+# Limits and sampling per use: preference pools (the authors' rollout settings) and test-time scaling (the paper's
+# evaluation: 200 steps, 131,072 tokens).
+PRESETS = {
+    "pool": {"max_steps": 100, "max_context_tokens": 65_536, "temperature": 0.7, "top_p": 0.8, "top_k": 20},
+    "eval": {"max_steps": 200, "max_context_tokens": 131_072, "temperature": 0.7, "top_p": 0.8, "top_k": 20},
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,14 +47,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--source", help="source recorded in the trajectories (default: the model name)")
     parser.add_argument("--n", type=int, default=1, help="rollouts per task")
     parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--max_steps", type=int, default=100)
-    parser.add_argument("--max_context_tokens", type=int, default=65_536)
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="pool",
+        help="limits and sampling: 'pool' (100 steps, 65,536 tokens; preference data) or 'eval' (200 steps, 131,072 "
+        "tokens; test-time scaling, as in the paper); flags below override it",
+    )
+    parser.add_argument("--max_steps", type=int, help="assistant turns per episode (pool 100, eval 200)")
+    parser.add_argument("--max_context_tokens", type=int, help="context window (pool 65,536, eval 131,072)")
     parser.add_argument("--max_tokens", type=int, default=16_384, help="tokens per completion")
     parser.add_argument("--tool_timeout", type=float, default=90.0)
     parser.add_argument("--max_episode_seconds", type=float, default=50_000.0)
-    parser.add_argument("--temperature", type=float, default=0.7)
-    parser.add_argument("--top_p", type=float, default=0.8)
-    parser.add_argument("--top_k", type=int, default=20)
+    parser.add_argument("--temperature", type=float, help="sampling temperature (0.7)")
+    parser.add_argument("--top_p", type=float, help="nucleus sampling (0.8)")
+    parser.add_argument("--top_k", type=int, help="top-k sampling (20)")
     parser.add_argument("--repetition_penalty", type=float, default=1.05)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--sandbox", choices=["local", "docker"], default="local")
@@ -96,6 +114,9 @@ async def _run(args, config: RolloutConfig, base_url: str, model: str):
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    for name, value in PRESETS[args.preset].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     sources = sum(x is not None for x in (args.base_url, args.serve_vllm, args.serve_transformers))
     if sources != 1:
         parser.error("give exactly one of --base_url, --serve_vllm MODEL, --serve_transformers PATH")
