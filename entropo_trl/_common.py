@@ -122,6 +122,41 @@ def tokenize_row_completion(tokenizer, example, key: str, dataset_name: str, ind
         raise row_error(dataset_name, index, key, str(error)) from error
 
 
+def single_message_completions(example: dict[str, Any], keys: tuple[str, ...]) -> bool:
+    """Whether every completion in `keys` is one assistant message: a single-turn row, tokenised as TRL does."""
+    return all(
+        isinstance(example.get(key), (list, tuple))
+        and len(example[key]) == 1
+        and isinstance(example[key][0], dict)
+        and example[key][0].get("role") == "assistant"
+        for key in keys
+    )
+
+
+def tokenize_like_trl(tokenizer, example, keys: tuple[str, ...], dataset_name: str, index: int) -> dict[str, list]:
+    """TRL's own tokenisation of a conversational row: the prompt with the generation prompt, `prompt + completion`
+    for each key, the completions starting where the prompt and all of them diverge. Every completion token counts, as
+    in TRL (the template's end of turn and what follows it, e.g. `<|im_end|>\n`). Returns `prompt_ids` and, per key,
+    `{key}_ids` and an all-ones `{key}_mask`."""
+    from trl.data_utils import _tokenize, common_prefix_length
+
+    prompt = require_messages(example, "prompt", dataset_name, index)
+    tools, kwargs = template_kwargs_of(example)
+    prompt_ids = _tokenize(tokenizer, prompt, add_generation_prompt=True, tools=tools, **kwargs)["input_ids"]
+    full = {
+        key: _tokenize(tokenizer, prompt + require_messages(example, key, dataset_name, index), tools=tools, **kwargs)[
+            "input_ids"
+        ]
+        for key in keys
+    }
+    prompt_len = min(common_prefix_length(prompt_ids, ids) for ids in full.values())
+    out: dict[str, list] = {"prompt_ids": prompt_ids[:prompt_len]}
+    for key, ids in full.items():
+        out[f"{key}_ids"] = ids[prompt_len:]
+        out[f"{key}_mask"] = [1] * (len(ids) - prompt_len)
+    return out
+
+
 def _shorter_than(example, max_length):
     """Keep rows whose prompt leaves room for completion tokens (a module-level function, so the dataset fingerprint
     depends on `max_length` only and cached reference log-probs survive changes to unrelated arguments)."""

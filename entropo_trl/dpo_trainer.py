@@ -31,7 +31,9 @@ from ._common import (
     _shorter_than,
     check_trainer_args,
     resolve_tokenizer,
+    single_message_completions,
     swapped_attributes,
+    tokenize_like_trl,
     tokenize_row_completion,
 )
 from .dpo_config import DPO_UNSUPPORTED, EntroDPOConfig
@@ -167,6 +169,13 @@ class EntroDPOTrainer(AssistantMaskMixin, DPOTrainer):
                 dataset = dataset.map(extract_prompt, **map_kwargs)
 
             def tokenize(example, index):
+                if single_message_completions(example, ("chosen", "rejected")):  # single-turn: exactly as TRL
+                    tokens = tokenize_like_trl(tokenizer, example, ("chosen", "rejected"), dataset_name, index)
+                    return {
+                        "prompt_ids": tokens["prompt_ids"],
+                        **{f"{key}_ids": tokens[f"{key}_ids"] for key in ("chosen", "rejected")},
+                        **{f"{key}_assistant_mask": tokens[f"{key}_mask"] for key in ("chosen", "rejected")},
+                    }
                 chosen = tokenize_row_completion(tokenizer, example, "chosen", dataset_name, index)
                 rejected = tokenize_row_completion(tokenizer, example, "rejected", dataset_name, index)
                 # Both share the prompt's rendering; a token merged across the prompt boundary moves to the completion.

@@ -46,7 +46,9 @@ from ._common import (
     check_trainer_args,
     resolve_tokenizer,
     row_error,
+    single_message_completions,
     swapped_attributes,
+    tokenize_like_trl,
     tokenize_row_completion,
 )
 from .kto_config import KTO_UNSUPPORTED, EntroKTOConfig
@@ -272,6 +274,13 @@ class EntroKTOTrainer(AssistantMaskMixin, KTOTrainer):
             def tokenize(example, index):
                 if not isinstance(example["label"], bool):
                     raise row_error(dataset_name, index, "label", f"expected a bool, got {example['label']!r}")
+                if single_message_completions(example, ("completion",)):  # single-turn: exactly as TRL
+                    tokens = tokenize_like_trl(tokenizer, example, ("completion",), dataset_name, index)
+                    return {
+                        "prompt_ids": tokens["prompt_ids"],
+                        "completion_ids": tokens["completion_ids"],
+                        "completion_assistant_mask": tokens["completion_mask"],
+                    }
                 tokens = tokenize_row_completion(tokenizer, example, "completion", dataset_name, index)
                 return {
                     "prompt_ids": tokens["prompt_ids"],

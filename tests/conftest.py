@@ -158,8 +158,9 @@ def manual_logps(model, input_ids, attention_mask, completion_mask):
 
 
 def swesmith_rows(max_chars=8000):
-    """Real trajectories cut after the last assistant turn that fits in `max_chars` of completion (at least one
-    assistant turn is kept): a tiny model on CPU cannot attend over the full 60-200k characters."""
+    """Real trajectories cut after the last assistant turn that fits in `max_chars` of completion (at least two
+    assistant turns are kept, so the rows stay multi-turn): a tiny model on CPU cannot attend over the full 60-200k
+    characters."""
     rows = []
     for record in load_swesmith():
         messages = record["messages"]
@@ -172,5 +173,8 @@ def swesmith_rows(max_chars=8000):
                 break
             if message["role"] == "assistant":
                 end = max(end, i + 1)
-        rows.append({"instance_id": record["instance_id"], "prompt": prompt, "completion": rest[:end]})
+        completion = rest[:end]
+        if len(completion) == 1 and len(assistant_ends) > 1:  # keep it multi-turn: two turns, each message clipped
+            completion = [dict(m, content=m["content"][: max_chars // 4]) for m in rest[: assistant_ends[1]]]
+        rows.append({"instance_id": record["instance_id"], "prompt": prompt, "completion": completion})
     return rows
