@@ -76,8 +76,10 @@ class EntroDPOTrainer(AssistantMaskMixin, DPOTrainer):
 
         loss = −log σ(α·(logp(y+) − logp(y−)) − β·(ref(y+) − ref(y−)))
 
-    with `logp` summed over the tokens of assistant turns only when `args.assistant_only` is set and the data is
-    conversational (prompt `[system, issue]`, `chosen` / `rejected` the multi-turn continuations). At α = β
+    with `logp` summed over the tokens of assistant turns only when `args.assistant_only` is set and the rows are
+    conversational with multi-message completions (prompt `[system, issue]`, `chosen` / `rejected` the multi-turn
+    continuations). Rows whose completions are each a single assistant message, and plain-text rows, are tokenised
+    exactly as TRL does (every completion token counts, the template's `<|im_end|>\n` included). At α = β
     (`alpha=None`) it is TRL's DPO, loss and updates.
 
     Args are those of [`~trl.DPOTrainer`]; `args` must be an [`EntroDPOConfig`] (default: one with α = β).

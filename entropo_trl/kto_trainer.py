@@ -154,9 +154,10 @@ class DataCollatorForMultiTurnUnpairedPreference(DataCollatorForUnpairedPreferen
 class EntroKTOTrainer(AssistantMaskMixin, KTOTrainer):
     """EntroPO-KTO trainer: [`~trl.KTOTrainer`] with the entropy-enhanced loss of eqs. (7-8) of the EntroPO paper.
 
-    Log-probs are summed over the tokens of assistant turns only when `args.assistant_only` is set and the data is
-    conversational (prompt `[system, issue]`, completion the rest of the trajectory), in the examples and in the
-    mismatched KL samples alike. z0 is the unclamped mean by default (`z0_clamp=False`); at α = β with
+    Log-probs are summed over the tokens of assistant turns only when `args.assistant_only` is set and the rows are
+    conversational with multi-message completions (prompt `[system, issue]`, completion the rest of the trajectory),
+    in the examples and in the mismatched KL samples alike. Rows whose completion is a single assistant message, and
+    plain-text rows, are tokenised exactly as TRL does. z0 is the unclamped mean by default (`z0_clamp=False`); at α = β with
     `z0_clamp=True` the trainer is TRL's KTO loss, given the same KL samples. Unlike TRL, the KL samples pair rows of
     different prompts across the whole dataset (columns `kl_partner`, `kl_same_prompt`, `KL_completion_ids`), the
     train rows are shuffled once, and `per_device_train_batch_size=1` is allowed; the data must be a map-style
