@@ -105,7 +105,9 @@ def _load_tokenizer(name: str | None):
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(name)
+    from .loading import load_pretrained
+
+    return load_pretrained(AutoTokenizer, name, "tokenizer (--tokenizer)")
 
 
 def _summary(kind: str, read: ReadStats | None, stats, written: dict[str, Any], output, push) -> str:

@@ -131,6 +131,8 @@ def load_model_and_tokenizer(model_args, training_args):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import get_quantization_config
 
+    from .loading import load_pretrained
+
     quantization_config = get_quantization_config(model_args)
     if quantization_config is not None and not torch.cuda.is_available():
         raise SystemExit(
@@ -139,15 +141,22 @@ def load_model_and_tokenizer(model_args, training_args):
             "full-precision LoRA instead."
         )
     dtype = model_args.dtype if model_args.dtype in ("auto", None) else getattr(torch, model_args.dtype)
-    model = AutoModelForCausalLM.from_pretrained(
+    model = load_pretrained(
+        AutoModelForCausalLM,
         model_args.model_name_or_path,
+        "model (--model_name_or_path)",
         revision=model_args.model_revision,
         attn_implementation=model_args.attn_implementation,
         dtype=dtype,
         device_map={"": PartialState().local_process_index} if quantization_config is not None else None,
         quantization_config=quantization_config,
     )
-    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
+    tokenizer = load_pretrained(
+        AutoTokenizer,
+        model_args.model_name_or_path,
+        "tokenizer (--model_name_or_path)",
+        revision=model_args.model_revision,
+    )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
@@ -392,13 +401,15 @@ def merge_adapter(argv: list[str] | None = None) -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import TrlParser
 
+    from .loading import load_pretrained
+
     (args,) = TrlParser((MergeArguments,)).parse_args_and_config(args=argv)
     if not args.adapter or not args.output_dir:
         raise SystemExit("--adapter and --output_dir are required")
     if args.push_to_hub and not args.hub_model_id:
         raise SystemExit("--push_to_hub needs --hub_model_id")
     base = args.base_model or PeftConfig.from_pretrained(args.adapter).base_model_name_or_path
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, args.dtype))
+    model = load_pretrained(AutoModelForCausalLM, base, "base model (--base_model)", dtype=getattr(torch, args.dtype))
     merged = PeftModel.from_pretrained(model, args.adapter).merge_and_unload()
     merged.save_pretrained(args.output_dir)
     AutoTokenizer.from_pretrained(

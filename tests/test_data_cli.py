@@ -196,3 +196,19 @@ def test_sharegpt_export_keeps_labels_of_verifier_rows_and_refuses_tool_calls():
     calls = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "tool_calls": [{"id": "1"}]}]}
     with pytest.raises(ValueError, match="tool_calls"):
         list(export_sharegpt([calls]))
+
+
+def test_an_unknown_tokenizer_offline_is_one_clear_line(tmp_path):
+    import os
+
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("")
+    command = [sys.executable, "-m", "entropo_trl.data_cli", "sft", "--input", str(pool), "--output"]
+    command += [str(tmp_path / "sft.jsonl"), "--tokenizer", "nobody/no-such-tokenizer"]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines == [lines[-1]] and "cannot load the tokenizer (--tokenizer) 'nobody/no-such-tokenizer'" in lines[0]
+    assert "Traceback" not in result.stderr

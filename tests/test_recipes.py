@@ -461,3 +461,16 @@ def test_a_rerun_resumes_from_the_last_checkpoint(recipe_data, tmp_path, capsys)
 def test_sft_and_verifier_refuse_kto_style_rows(stage, recipe_data, tmp_path):
     with pytest.raises(SystemExit, match=r"ekto.jsonl: the .* recipe trains on every row.*2 of 4 labelled false"):
         run_stage(stage, _common(recipe_data, "ekto", tmp_path / stage))
+
+
+def test_an_unknown_model_offline_is_one_clear_line(recipe_data, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_stage(
+            "sft", _common(recipe_data, "sft", tmp_path / "x") + ["--model_name_or_path", "nobody/no-such-model"]
+        )
+    message = str(exit_info.value)
+    assert message.startswith(
+        "cannot load the model (--model_name_or_path) 'nobody/no-such-model': it is not a folder"
+    )
+    assert "local Hugging Face cache" in message and "\n" not in message
+    assert exit_info.value.__cause__ is None and exit_info.value.__suppress_context__
