@@ -438,9 +438,13 @@ def from_r2egym(record: dict[str, Any], keep_logs: bool = False) -> Trajectory:
     )
 
 
-def from_swesmith(record: dict[str, Any], default_reward: float = 1.0, source: str = "swe-smith") -> Trajectory:
-    """A SWE-smith / SWE-agent fine-tuning record `{"instance_id", "messages"}`. These files hold resolved
-    trajectories, so the reward is `default_reward` unless the record has its own `reward` or `resolved`."""
+def from_swesmith(
+    record: dict[str, Any], default_reward: float = 1.0, source: str = "swe-smith", defaults: Counter | None = None
+) -> Trajectory:
+    """A SWE-smith / SWE-agent fine-tuning record `{"instance_id", "messages"}`. What the line says is kept: its own
+    `reward` (or `resolved`), `source` and `episode_id`. Defaults fill only missing fields: these files hold resolved
+    trajectories, so the reward is `default_reward`, and the source is `source`; each default applied is counted in
+    `defaults` (by field), which [`read_trajectories`] reports in its summary."""
     messages = validate_messages(record.get("messages"))
     if "reward" in record:
         reward = _reward(record["reward"])
@@ -452,8 +456,12 @@ def from_swesmith(record: dict[str, Any], default_reward: float = 1.0, source: s
         reward = float(record["resolved"])
     else:
         reward = default_reward
+        _count_default(defaults, f"reward (set to {default_reward:g})")
+    if record.get("source") is None:
+        _count_default(defaults, f"source (set to {source!r})")
     finished = last_turn_finished(messages)
-    extra = {k: v for k, v in record.items() if k not in ("instance_id", "messages", "reward", "resolved", "patch")}
+    kept = ("instance_id", "messages", "reward", "resolved", "patch", "source", "episode_id")
+    extra = {k: v for k, v in record.items() if k not in kept}
     return Trajectory(
         instance_id=_instance_id(record.get("instance_id")),
         messages=messages,
@@ -462,9 +470,15 @@ def from_swesmith(record: dict[str, Any], default_reward: float = 1.0, source: s
         exit_reason="submitted" if finished else None,
         patch=_string(record.get("patch"), "patch"),
         num_steps=sum(m["role"] == "assistant" for m in messages),
-        source=source,
+        source=_string(record.get("source"), "source", default=source),
+        episode_id=_string(record.get("episode_id"), "episode_id", default=None),
         metadata=extra,
     )
+
+
+def _count_default(defaults: Counter | None, what: str) -> None:
+    if defaults is not None:
+        defaults[what] += 1
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -480,6 +494,7 @@ class ReadStats:
     skipped: Counter = field(default_factory=Counter)
     examples: dict[str, str] = field(default_factory=dict)  # reason -> first error message
     hints_removed: int = 0  # records whose prompt held the reference patch (see `strip_reference_patch_hint`)
+    defaults: Counter = field(default_factory=Counter)  # fields a record lacked, filled with a default
 
     @property
     def num_skipped(self) -> int:
@@ -497,6 +512,10 @@ class ReadStats:
             )
         if self.hints_removed:
             text += f"; the reference patch (<gt_patch> hint) removed from {self.hints_removed} prompts"
+        if self.defaults:
+            text += "; defaults for missing fields: " + ", ".join(
+                f"{what} in {n} records" for what, n in self.defaults.most_common()
+            )
         return text
 
 
@@ -547,7 +566,10 @@ def _parse_line(raw: bytes, fmt: str, **options: Any) -> tuple[Trajectory, str]:
     if detected == "r2egym":
         return from_r2egym(record, keep_logs=options.get("keep_logs", False)), detected
     return from_swesmith(
-        record, default_reward=options.get("default_reward", 1.0), source=options.get("source") or "swe-smith"
+        record,
+        default_reward=options.get("default_reward", 1.0),
+        source=options.get("source") or "swe-smith",
+        defaults=options.get("defaults"),
     ), detected
 
 
@@ -609,7 +631,12 @@ def read_trajectories(
                         )
                         continue
                     trajectory, detected = _parse_line(
-                        raw, file_format, keep_logs=keep_logs, default_reward=default_reward, source=source
+                        raw,
+                        file_format,
+                        keep_logs=keep_logs,
+                        default_reward=default_reward,
+                        source=source,
+                        defaults=stats.defaults,
                     )
                 except TrajectoryFormatError as exc:
                     error = exc.located(path, line_number)

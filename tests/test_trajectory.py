@@ -457,3 +457,32 @@ def test_r2e_finished_marker_is_dropped(tmp_path):
     pool.write_text(json.dumps(finished) + "\n" + json.dumps(R2E) + "\n")
     with_marker, without = read_trajectories(pool)
     assert with_marker.messages == without.messages == MESSAGES and with_marker.finished
+
+
+def test_swesmith_lines_keep_what_they_say_and_defaults_are_counted(tmp_path):
+    import json
+
+    from entropo_trl.trajectory import ReadStats, read_trajectories
+
+    messages = [
+        {"role": "system", "content": "s"},
+        {"role": "user", "content": "issue"},
+        {"role": "assistant", "content": "done\n<function=submit>\n</function>"},
+    ]
+    path = tmp_path / "swesmith.jsonl"
+    lines = [
+        {"instance_id": "a__b-1", "messages": messages, "source": "qwen3-coder", "reward": 0.0, "episode_id": "a/q/0"},
+        {"instance_id": "a__b-2", "messages": messages},
+        {"instance_id": "a__b-3", "messages": messages, "resolved": False},
+    ]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    stats = ReadStats()
+    first, second, third = read_trajectories(path, stats=stats)
+    assert (first.source, first.reward, first.episode_id) == ("qwen3-coder", 0.0, "a/q/0")
+    assert "source" not in first.metadata and "episode_id" not in first.metadata
+    assert (second.source, second.reward, second.episode_id) == ("swe-smith", 1.0, None)
+    assert (third.source, third.reward) == ("swe-smith", 0.0)
+    assert stats.defaults == {"reward (set to 1)": 1, "source (set to 'swe-smith')": 2}
+    assert "defaults for missing fields: source (set to 'swe-smith') in 2 records, reward (set to 1) in 1" in (
+        stats.summary()
+    )
