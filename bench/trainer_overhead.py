@@ -77,7 +77,7 @@ def _common_args(out, steps, batch):
         max_steps=steps,
         learning_rate=1e-4,
         bf16=False,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         report_to="none",
         logging_steps=10_000,
         save_strategy="no",

@@ -275,7 +275,7 @@ def run_demo(
         "none",
         "--learning_rate",
         "0.01",
-        "--gradient_checkpointing",
+        "--activation_checkpointing",
         "false",
         "--save_strategy",
         "no",

@@ -60,6 +60,7 @@ def build_report(
         axis.plot(ns, [c.mean for c in curve], marker="o", label=f"{label} (hybrid)")
         axis.fill_between(ns, [c.ci_low for c in curve], [c.ci_high for c in curve], alpha=0.15)
     axis.plot(ns, [c.mean for c in oracle], linestyle="--", color="gray", label=f"{first_label} (oracle, pass@N)")
+    axis.set_xticks(ns)  # whole N only: the rollouts per instance the curve was measured at
     axis.set_xlabel("N (rollouts per instance)")
     axis.set_ylabel("resolve rate")
     axis.set_title("Best-of-N resolve rate")
@@ -87,6 +88,7 @@ def build_report(
             marker="s",
             label=f"best-of-{max_n} (hybrid)",
         )
+        axis.set_xticks([alphas[k] for k in ordered])  # the alphas that were trained, nothing in between
         axis.set_xlabel("alpha (beta = 0.1)")
         axis.set_ylabel("resolve rate")
         axis.set_title("alpha sweep")

@@ -64,7 +64,7 @@ def training_kwargs(tmp_path, **overrides):
         optim="sgd",
         lr_scheduler_type="constant",
         bf16=False,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         report_to="none",
         logging_steps=1,
         save_strategy="no",

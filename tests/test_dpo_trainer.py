@@ -123,7 +123,7 @@ def test_multi_turn_with_gradient_checkpointing_trains_assistant_tokens(tiny_mod
         multi_turn_pairs(4),
         tmp_path,
         alpha=0.11,
-        gradient_checkpointing=True,
+        activation_checkpointing=True,
     )
     log = _first_log(trainer)
     assert log["entropo/alpha"] == pytest.approx(0.11)

@@ -101,3 +101,25 @@ def test_select_cli_writes_one_choice_per_instance(tmp_path):
         timeout=120,
     )
     assert result.returncode == 0 and list(read_trajectories(tmp_path / "sel2.jsonl"))[0].num_steps == 3
+
+
+def test_figures_mark_only_measured_n_and_alpha(tmp_path, monkeypatch):
+    """The best-of-N axis shows whole N (1.5 rollouts is no setting), the alpha axis the trained alphas only."""
+    import importlib.util
+
+    from matplotlib.figure import Figure
+
+    spec = importlib.util.spec_from_file_location("entropo_eval_report", ROOT / "eval" / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    ticks, savefig = {}, Figure.savefig
+
+    def spy(self, path, *args, **kwargs):
+        ticks[Path(path).name] = [float(t) for t in self.axes[0].get_xticks()]
+        return savefig(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", spy)
+    pools = {f"alpha={a}": synthetic_pool(instances=6, per_instance=3, seed=k) for k, a in enumerate(("0.1", "0.13"))}
+    report.build_report(pools, tmp_path, draws=50)
+    assert ticks["best_of_n.png"] == [1.0, 2.0, 3.0]
+    assert ticks["alpha_sweep.png"] == [0.1, 0.13]
