@@ -1,7 +1,8 @@
 """SWE-bench evaluation of chosen trajectories with the official harness (`swebench.harness.run_evaluation`).
 
-The path is: chosen trajectories -> [`write_predictions`] (the harness's JSONL predictions file) ->
-[`run_harness`] (which needs a Docker daemon) -> [`read_report`] (per-instance resolved flags).
+The path is: chosen trajectories -> [`write_predictions`] (the harness's JSONL predictions file, without the
+patches' edits to test infrastructure unless `keep_test_edits`) -> [`run_harness`] (which needs a Docker daemon) ->
+[`read_report`] (per-instance resolved flags).
 
 What the harness writes (swebench 5.x, `swebench/harness/reporting.py`, `run_evaluation.py`, `grading.py`):
 
@@ -27,9 +28,11 @@ import subprocess
 import sys
 from collections import deque
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from .rollout.oracle import is_test_infrastructure, split_patch
 from .trajectory import Trajectory
 
 logger = logging.getLogger(__name__)
@@ -84,7 +87,42 @@ def _prediction_pairs(items: Any) -> Iterable[tuple[Any, Any]]:
             )
 
 
-def write_predictions(path: str | os.PathLike, items: Any, model_name: str) -> int:
+@dataclass
+class PredictionsSummary:
+    """What [`write_predictions`] wrote: `written` rows, `empty` of them with an empty patch (after filtering), and
+    per instance the test-infrastructure paths whose edits were left out of its patch (instances with none are not
+    listed)."""
+
+    path: str
+    written: int
+    empty: int
+    dropped_test_edits: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def num_dropped(self) -> int:
+        """Test-infrastructure file edits left out, over all predictions."""
+        return sum(len(paths) for paths in self.dropped_test_edits.values())
+
+
+def without_test_edits(patch: str) -> tuple[str, list[str]]:
+    """`patch` without the file sections that touch test infrastructure
+    ([`entropo_trl.rollout.oracle.is_test_infrastructure`]: test files and directories, `conftest.py`, pytest / tox /
+    setup.cfg / pyproject.toml configuration), and the paths left out. A section that renames a file into or out of
+    test infrastructure is left out whole. Patches are read as `git diff` writes them; text outside file sections is
+    kept as it is."""
+    kept, dropped = [], []
+    for section in split_patch(patch):
+        infrastructure = [p for p in section.paths if is_test_infrastructure(p)]
+        if infrastructure:
+            dropped += [p for p in infrastructure if p not in dropped]
+        else:
+            kept.append(section.text)
+    return "".join(kept), dropped
+
+
+def write_predictions(
+    path: str | os.PathLike, items: Any, model_name: str, *, keep_test_edits: bool = False
+) -> PredictionsSummary:
     """Write a SWE-bench predictions file: one JSONL row `{"instance_id", "model_name_or_path", "model_patch"}` per
     instance, the format `swebench.harness.utils.get_predictions_from_file` reads.
 
@@ -94,13 +132,17 @@ def write_predictions(path: str | os.PathLike, items: Any, model_name: str) -> i
         items: [`Trajectory`] objects, `(instance_id, patch)` pairs, or a `{instance_id: Trajectory | patch}` dict.
             A second prediction for an instance is an error naming it.
         model_name: `model_name_or_path`; the harness names its log folder and summary report after it.
+        keep_test_edits: keep the patches' edits to test infrastructure. By default they are left out
+            ([`without_test_edits`]), as the rollout oracle drops them: the official harness resets only the files of
+            the instance's test patch, so a patch that adds a `conftest.py` forcing every outcome to "passed" would
+            otherwise be graded resolved.
 
-    Empty (or missing) patches are written as `""`; the harness does not run them and counts them unresolved
-    (`empty_patch_ids`). The file is written to `path + ".partial"` and moved into place, so a reader never sees
-    half a file.
+    Empty (or missing) patches are written as `""`, and so is a patch that held only test edits; the harness does
+    not run them and counts them unresolved (`empty_patch_ids`). The file is written to `path + ".partial"` and
+    moved into place, so a reader never sees half a file.
 
     Returns:
-        The number of rows written (empty patches included; their count is logged).
+        A [`PredictionsSummary`]: rows written, how many have an empty patch, and the test edits left out.
     """
     path = os.fspath(path)
     if not path.endswith(".jsonl"):
@@ -108,7 +150,7 @@ def write_predictions(path: str | os.PathLike, items: Any, model_name: str) -> i
     if not isinstance(model_name, str) or not model_name.strip():
         raise ValueError(f"model_name must be a non-empty string, got {model_name!r}")
     seen: set[str] = set()
-    rows, empty = 0, 0
+    summary = PredictionsSummary(path, 0, 0)
     partial = path + ".partial"
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -127,19 +169,31 @@ def write_predictions(path: str | os.PathLike, items: Any, model_name: str) -> i
                     raise TypeError(
                         f"predictions: patch of {instance_id!r} must be a string, got {type(patch).__name__}"
                     )
+                if not keep_test_edits:
+                    patch, dropped = without_test_edits(patch)
+                    if dropped:
+                        summary.dropped_test_edits[instance_id] = dropped
                 if not patch.strip():
                     patch = ""
-                    empty += 1
+                    summary.empty += 1
                 row = {"instance_id": instance_id, "model_name_or_path": model_name, "model_patch": patch}
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                rows += 1
+                summary.written += 1
         os.replace(partial, path)
     except BaseException:
         if os.path.exists(partial):
             os.remove(partial)
         raise
-    logger.info("wrote %d predictions to %s (%d with an empty patch, counted unresolved)", rows, path, empty)
-    return rows
+    logger.info(
+        "wrote %d predictions to %s (%d with an empty patch, counted unresolved; %d test-infrastructure edits left out "
+        "of %d)",
+        summary.written,
+        path,
+        summary.empty,
+        summary.num_dropped,
+        len(summary.dropped_test_edits),
+    )
+    return summary
 
 
 def _read_predictions(path: str | os.PathLike) -> list[dict[str, Any]]:

@@ -6,6 +6,8 @@
 
 `--selection` holds one chosen trajectory per instance (a second one for an instance is an error); `--pool` holds N
 candidates per instance and the hybrid selector (`--selector`, a preset of `entropo_trl.selection`) picks one.
+The patches' edits to test infrastructure (test files, `conftest.py`, pytest / tox configuration) are left out of the
+predictions, as the rollout oracle drops them, and counted; `--keep_test_edits` keeps them.
 The harness needs a Docker daemon: without one the predictions are still written, the command to run elsewhere is
 printed, and the exit status is 2.
 """
@@ -44,6 +46,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--predictions", required=True, help="output predictions file (.jsonl)")
     parser.add_argument("--model_name", default=None, help="model_name_or_path (default: the trajectories' source)")
+    parser.add_argument(
+        "--keep_test_edits",
+        action="store_true",
+        help="keep the patches' edits to test files, conftest.py and test configuration (left out by default)",
+    )
     parser.add_argument("--run", action="store_true", help="run the SWE-bench harness on the predictions")
     parser.add_argument("--dataset_name", default=DEFAULT_DATASET)
     parser.add_argument("--split", default="test")
@@ -74,9 +81,18 @@ def main(argv=None) -> int:
     if model_name is None:
         sources = {t.source for t in trajectories if t.source}
         model_name = sources.pop() if len(sources) == 1 else "entropo-trl"
-    written = write_predictions(args.predictions, trajectories, model_name)
-    empty = sum(1 for t in trajectories if not (t.patch or "").strip())
-    print(f"wrote {written} predictions ({empty} with an empty patch) for {model_name!r} to {args.predictions}")
+    summary = write_predictions(args.predictions, trajectories, model_name, keep_test_edits=args.keep_test_edits)
+    print(
+        f"wrote {summary.written} predictions ({summary.empty} with an empty patch) for {model_name!r} to "
+        f"{args.predictions}"
+    )
+    if args.keep_test_edits:
+        print("test-infrastructure edits kept (--keep_test_edits)")
+    else:
+        print(
+            f"left out {summary.num_dropped} test-infrastructure edits from {len(summary.dropped_test_edits)} "
+            "predictions (--keep_test_edits keeps them)"
+        )
     if not args.run:
         return 0
     try:

@@ -56,7 +56,8 @@ def test_predictions_accepted_by_swebench_loader(tmp_path):
 
     out = tmp_path / "preds.jsonl"
     items = [traj("a__b-1"), ("a__b-2", ""), ("a__b-3", None), traj("a__b-4", patch="  \n")]
-    assert write_predictions(out, items, "org/model") == 4
+    written = write_predictions(out, items, "org/model")
+    assert (written.written, written.empty, written.dropped_test_edits) == (4, 3, {})
     assert not Path(str(out) + ".partial").exists()
     # a non-"gold" path is read from the file only: no dataset download
     preds = get_predictions_from_file(str(out), "princeton-nlp/SWE-bench_Verified", "test")
@@ -71,7 +72,7 @@ def test_predictions_accepted_by_swebench_loader(tmp_path):
 
 def test_predictions_from_dict(tmp_path):
     out = tmp_path / "preds.jsonl"
-    assert write_predictions(out, {"x-1": traj("x-1"), "x-2": "patch"}, "m") == 2
+    assert write_predictions(out, {"x-1": traj("x-1"), "x-2": "patch"}, "m").written == 2
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert rows == [
         {"instance_id": "x-1", "model_name_or_path": "m", "model_patch": PATCH},
@@ -88,6 +89,59 @@ def test_duplicate_instance_is_an_error_and_leaves_no_file(tmp_path):
     assert not out.exists() and not Path(str(out) + ".partial").exists()
     with pytest.raises(ValueError, match=".jsonl"):
         write_predictions(tmp_path / "preds.json", [traj("a")], "m")
+
+
+GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+
+
+def _git(cwd, *args):
+    env = {**os.environ, **GIT_ENV}
+    return subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True, text=True)
+
+
+@pytest.fixture
+def repo_patches(tmp_path):
+    """A repository at its base commit and three patches made in it with git: a fix that also edits a test file and
+    adds a conftest.py, the conftest reward hack alone, and a clean fix."""
+    repo = tmp_path / "repo"
+    (repo / "pkg").mkdir(parents=True)
+    (repo / "tests").mkdir()
+    (repo / "pkg" / "core.py").write_text("def f():\n    return 1\n")
+    (repo / "tests" / "test_core.py").write_text("def test_f():\n    assert False\n")
+    _git(repo, "init", "-q")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-q", "-m", "base")
+
+    def patch_of(files):
+        for name, text in files.items():
+            (repo / name).write_text(text)
+        _git(repo, "add", "-A")
+        patch = _git(repo, "diff", "--cached", "--binary", "HEAD").stdout
+        _git(repo, "reset", "-q", "--hard", "HEAD")
+        _git(repo, "clean", "-qfd")
+        return patch
+
+    fix = {"pkg/core.py": "def f():\n    return 2\n"}
+    mixed = patch_of({**fix, "tests/test_core.py": "def test_f():\n    assert True\n", "conftest.py": "# hack\n"})
+    return repo, {"a-1": mixed, "a-2": patch_of({"conftest.py": "# hack\n"}), "a-3": patch_of(fix)}
+
+
+def test_predictions_leave_out_test_edits_by_default(tmp_path, repo_patches):
+    """What the harness grades is the patch without its test-infrastructure edits (counted); the rest still applies."""
+    repo, patches = repo_patches
+    out = tmp_path / "preds.jsonl"
+    summary = write_predictions(out, patches, "m")
+    assert (summary.written, summary.empty, summary.num_dropped) == (3, 1, 3)
+    assert summary.dropped_test_edits == {"a-1": ["conftest.py", "tests/test_core.py"], "a-2": ["conftest.py"]}
+    rows = {r["instance_id"]: r["model_patch"] for r in map(json.loads, out.read_text().splitlines())}
+    assert rows["a-1"] == rows["a-3"] == patches["a-3"]  # the fix alone, byte for byte
+    assert rows["a-2"] == ""  # only test edits: an empty patch, counted unresolved by the harness
+    (tmp_path / "fix.diff").write_text(rows["a-1"])
+    _git(repo, "apply", "--check", str(tmp_path / "fix.diff"))
+    kept = write_predictions(out, patches, "m", keep_test_edits=True)
+    assert (kept.written, kept.empty, kept.dropped_test_edits) == (3, 0, {})
+    rows = {r["instance_id"]: r["model_patch"] for r in map(json.loads, out.read_text().splitlines())}
+    assert rows == patches
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -409,3 +463,21 @@ def test_cli_pool_selects_one_per_instance(tmp_path):
     # a selection file must hold one trajectory per instance
     result = run_cli("--selection", pool, "--predictions", preds, cwd=tmp_path)
     assert result.returncode != 0 and "duplicate instance_id 'a__b-1'" in result.stderr
+
+
+def test_cli_leaves_out_test_edits_unless_asked(tmp_path, repo_patches):
+    _, patches = repo_patches
+    selection = tmp_path / "selected.jsonl"
+    write_trajectories(selection, [traj(instance_id, patch=patch) for instance_id, patch in patches.items()])
+    preds = tmp_path / "preds.jsonl"
+    result = run_cli("--selection", selection, "--predictions", preds, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "wrote 3 predictions (1 with an empty patch)" in result.stdout
+    assert "left out 3 test-infrastructure edits from 2 predictions" in result.stdout
+    rows = {r["instance_id"]: r["model_patch"] for r in map(json.loads, preds.read_text().splitlines())}
+    assert "conftest.py" not in rows["a-1"] and rows["a-2"] == ""
+    result = run_cli("--selection", selection, "--predictions", preds, "--keep_test_edits", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "wrote 3 predictions (0 with an empty patch)" in result.stdout and "edits kept" in result.stdout
+    rows = {r["instance_id"]: r["model_patch"] for r in map(json.loads, preds.read_text().splitlines())}
+    assert rows == patches

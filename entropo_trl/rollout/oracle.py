@@ -14,6 +14,10 @@ Two ways to run the tests:
 - Otherwise (local and toy tasks, older instances): `test_patch`, if the instance has one, is applied after resetting
   the files it touches to the base commit, then `task.test_command` runs the test ids, read as a pytest log.
 
+Before either runs, the test infrastructure is restored from the base commit ([`restore_test_infrastructure`]), so a
+model's edits to it never decide its reward: what counts is [`is_test_infrastructure`]. The paths whose edits were
+dropped are [`OracleResult.dropped_test_edits`], written to `trajectory.metadata["dropped_test_edits"]`.
+
 An oracle that cannot run the tests at all (the test command is not found, the test patch does not apply, the
 evaluation environment is broken) raises [`OracleError`]: that says nothing about the agent's patch, so the runner
 does not record a reward for it.
@@ -21,10 +25,12 @@ does not record a reward for it.
 
 from __future__ import annotations
 
+import fnmatch
+import posixpath
 import re
 import shlex
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +50,8 @@ class OracleResult:
     pass_to_pass: dict[str, bool] = field(default_factory=dict)
     patch_applied: bool = True
     test_output: str = ""
+    # test-infrastructure paths the patch edited, created or deleted: restored from the base commit before the tests
+    dropped_test_edits: list[str] = field(default_factory=list)
 
     @property
     def regression_pass_count(self) -> int:
@@ -56,24 +64,28 @@ class OracleResult:
         return len(self.pass_to_pass) - self.regression_pass_count
 
     def label(self, trajectory: Trajectory) -> Trajectory:
-        """Write the verdict onto `trajectory` (in place): reward, regression pass and fail counts, and
-        `metadata["patch_applied"]`; returns it."""
+        """Write the verdict onto `trajectory` (in place): reward, regression pass and fail counts,
+        `metadata["patch_applied"]` and `metadata["dropped_test_edits"]` (a list, empty when none); returns it."""
         trajectory.reward = self.reward
         trajectory.regression_pass_count = self.regression_pass_count
         trajectory.regression_fail_count = self.regression_fail_count
         trajectory.metadata["patch_applied"] = self.patch_applied
+        trajectory.metadata["dropped_test_edits"] = list(self.dropped_test_edits)
         return trajectory
 
 
 def evaluate_patch(
     task: Task, patch: str, sandbox_factory: Callable[[Task], Sandbox], timeout: float = 900.0
 ) -> OracleResult:
-    """Apply `patch` in a fresh sandbox of `task` and run its FAIL_TO_PASS + PASS_TO_PASS tests."""
+    """Apply `patch` in a fresh sandbox of `task`, restore the test infrastructure from the base commit, and run its
+    FAIL_TO_PASS + PASS_TO_PASS tests."""
     tests = list(task.FAIL_TO_PASS) + list(task.PASS_TO_PASS)
     if not tests:
         raise ValueError(f"task {task.instance_id} lists no FAIL_TO_PASS / PASS_TO_PASS tests to judge by")
+    dropped: list[str] = []
     with sandbox_factory(task) as sandbox:
         if patch.strip():
+            before = _changed_paths(task, sandbox)
             applied = sandbox.apply_patch(patch)
             if applied.exit_code != 0:
                 return OracleResult(
@@ -83,8 +95,12 @@ def evaluate_patch(
                     patch_applied=False,
                     test_output=applied.stdout + applied.stderr,
                 )
+            touched = set(patch_paths(patch)) | (_changed_paths(task, sandbox) - before)
+            dropped = restore_test_infrastructure(task, sandbox, touched)
         if task.metadata.get("eval_script") and task.metadata.get("log_parser"):
-            return _run_swebench_eval(task, sandbox, timeout)
+            result = _run_swebench_eval(task, sandbox, timeout)
+            result.dropped_test_edits = dropped
+            return result
         unittest_ids = [t for t in tests if _UNITTEST_ID.match(t)]
         if unittest_ids and task.test_command == DEFAULT_TEST_COMMAND:
             raise OracleError(
@@ -105,18 +121,249 @@ def evaluate_patch(
     f2p = {t: statuses.get(t) == "PASSED" for t in task.FAIL_TO_PASS}
     p2p = {t: statuses.get(t) == "PASSED" for t in task.PASS_TO_PASS}
     reward = 1.0 if all(f2p.values()) and all(p2p.values()) and not result.timed_out else 0.0
-    return OracleResult(reward, f2p, p2p, test_output=output)
+    return OracleResult(reward, f2p, p2p, test_output=output, dropped_test_edits=dropped)
 
 
 # Django / unittest style ids, "test_name (module.Class)": what SWE-bench records for repositories not run by pytest
 _UNITTEST_ID = re.compile(r"^\w+ \([\w.]+\)")
-_DIFF_PATHS = re.compile(r"^diff --git a/(\S+) b/(\S+)$", re.MULTILINE)
+
+
+# ---------------------------------------------------------------------------------------------- test infrastructure
+
+# pytest reads its configuration from these (in the rootdir or any folder above the tests it runs), tox from tox.ini
+TEST_CONFIG_FILES = frozenset(
+    {"pytest.ini", ".pytest.ini", "pytest.toml", ".pytest.toml", "tox.ini", "setup.cfg", "pyproject.toml"}
+)
+TEST_FILE_PATTERNS = ("test_*.py", "*_test.py")
+# a directory of tests at any depth (`tests/`, `astropy/io/tests/`); `test/` and `testing/` only at the top level,
+# since below it they are often library code (`django/test/`, `numpy/testing/`, `sympy/testing/`)
+TEST_DIRS_ANYWHERE = frozenset({"tests"})
+TEST_DIRS_AT_TOP = frozenset({"test", "tests", "testing"})
+
+
+def is_test_infrastructure(path: str, test_files: Iterable[str] = ()) -> bool:
+    """Whether a repository-relative `path` is test infrastructure, whose edits never decide a reward:
+
+    - the test files of the instance, `test_files` (see [`task_test_files`]);
+    - every `conftest.py`, at any depth;
+    - test configuration files, whole, at any depth: `pytest.ini`, `.pytest.ini`, `pytest.toml`, `.pytest.toml`,
+      `tox.ini`, `setup.cfg`, `pyproject.toml`;
+    - test files by name: `test_*.py`, `*_test.py`;
+    - anything under a `tests/` directory at any depth, or under a top-level `test/` or `testing/` directory (a
+      file or link with one of those names counts too).
+
+    Not covered: library code a test imports (a patch that monkeypatches pytest from the package under test).
+    """
+    path = posixpath.normpath(path.strip("/"))
+    parts = path.split("/")
+    name = parts[-1]
+    return (
+        path in {posixpath.normpath(p) for p in test_files}
+        or name == "conftest.py"
+        or name in TEST_CONFIG_FILES
+        or any(fnmatch.fnmatchcase(name, pattern) for pattern in TEST_FILE_PATTERNS)
+        or parts[0] in TEST_DIRS_AT_TOP
+        or any(part in TEST_DIRS_ANYWHERE for part in parts)
+    )
+
+
+def task_test_files(task: Task) -> set[str]:
+    """The files named by the task's test ids (the file part of pytest node ids, `path::name`) and those its
+    `test_patch` touches."""
+    files = {t.split("::", 1)[0] for t in [*task.FAIL_TO_PASS, *task.PASS_TO_PASS] if "::" in t}
+    files |= set(patch_paths(task.metadata.get("test_patch") or ""))
+    return files
+
+
+def restore_test_infrastructure(task: Task, sandbox: Sandbox, touched: Iterable[str]) -> list[str]:
+    """Restore the test-infrastructure paths among `touched` (paths an applied patch changed) from the sandbox's base
+    commit: a file the base commit holds is checked out from it, any other is removed. Returns those paths, sorted.
+
+    Raises [`OracleError`] when git cannot restore them."""
+    test_files = task_test_files(task)
+    dropped = sorted({p for p in touched if p and is_test_infrastructure(p, test_files)})
+    base = shlex.quote(sandbox.base_commit)
+    for start in range(0, len(dropped), _RESTORE_CHUNK):
+        quoted = " ".join(shlex.quote(p) for p in dropped[start : start + _RESTORE_CHUNK])
+        script = (
+            f'set -e; for f in {quoted}; do if git cat-file -e {base}:"$f" 2>/dev/null; then '
+            f'if [ -L "$f" ] || [ -f "$f" ]; then rm -f -- "$f"; fi; git checkout -q {base} -- "$f"; '
+            f'else rm -f -- "$f"; fi; done'
+        )
+        result = sandbox.run(script, timeout=300)
+        if not result.ok:
+            raise OracleError(
+                f"task {task.instance_id}: could not restore the test infrastructure: {result.stderr.strip()[-500:]}"
+            )
+    return dropped
+
+
+# paths per restoring command: a command line is one argument to bash, limited to 128 KiB
+_RESTORE_CHUNK = 200
+
+
+def _changed_paths(task: Task, sandbox: Sandbox) -> set[str]:
+    """Paths that differ from the base commit: tracked files changed or deleted, and new files git does not ignore."""
+    base = shlex.quote(sandbox.base_commit)
+    result = sandbox.run(
+        f"git diff --name-only --no-renames -z {base} && git ls-files --others --exclude-standard -z", timeout=300
+    )
+    if not result.ok:
+        raise OracleError(f"task {task.instance_id}: could not list the changed files: {result.stderr.strip()}")
+    return {p for p in result.stdout.split("\0") if p}
+
+
+# ---------------------------------------------------------------------------------------------------------- patches
+
+
+@dataclass
+class PatchSection:
+    """One file's part of a unified diff (its header lines and hunks), with the repository-relative paths it names
+    (before and after; one for an edit, two for a rename). Text before the first file has no paths."""
+
+    paths: list[str]
+    text: str
+
+
+_HUNK = re.compile(r"^@@ -\d+(?:,(\d+))? \+\d+(?:,(\d+))? @@")
+_GIT_HEADER_PATHS = ("rename from ", "rename to ", "copy from ", "copy to ")
+_C_ESCAPES = {"a": 7, "b": 8, "t": 9, "n": 10, "v": 11, "f": 12, "r": 13, '"': 34, "\\": 92}
+
+
+def split_patch(patch: str) -> list[PatchSection]:
+    """Split a unified diff (git or traditional) into per-file sections, as `git apply` reads it: a section starts at
+    a `diff --git` line, or at a `---` / `+++` pair outside a git header; hunks are read by their line counts.
+    Joining the sections' text gives `patch` back."""
+    lines = patch.splitlines(keepends=True)
+    sections: list[PatchSection] = []
+    current = PatchSection([], "")
+    chunks: list[str] = []
+    git_header = False  # inside a `diff --git` header, before its `---` / `+++` lines or first hunk
+    i = 0
+
+    def start(paths: list[str]) -> None:
+        nonlocal current, chunks
+        if chunks or current.paths:
+            current.text = "".join(chunks)
+            sections.append(current)
+        current, chunks = PatchSection(paths, ""), []
+
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("diff --git "):
+            start(_git_header_paths(line[len("diff --git ") :].rstrip("\r\n")))
+            git_header = True
+        elif line.startswith("--- ") and i + 1 < len(lines) and lines[i + 1].startswith("+++ "):
+            if not git_header:
+                start([])
+            git_header = False
+            for header in (line[4:], lines[i + 1][4:]):
+                path = _file_header_path(header)
+                if path and path not in current.paths:
+                    current.paths.append(path)
+            chunks += [line, lines[i + 1]]
+            i += 2
+            continue
+        elif (hunk := _HUNK.match(line)) and (current.paths or chunks):
+            git_header = False
+            old = int(hunk.group(1)) if hunk.group(1) is not None else 1
+            new = int(hunk.group(2)) if hunk.group(2) is not None else 1
+            chunks.append(line)
+            i += 1
+            while i < len(lines) and (old > 0 or new > 0 or lines[i].startswith("\\")):
+                kind = lines[i][:1]
+                if kind in (" ", "\n", "\r"):  # git apply reads an empty line as an empty context line
+                    old, new = old - 1, new - 1
+                elif kind == "-":
+                    old -= 1
+                elif kind == "+":
+                    new -= 1
+                elif kind != "\\":
+                    break
+                chunks.append(lines[i])
+                i += 1
+            continue
+        elif git_header and line.startswith(_GIT_HEADER_PATHS):
+            path = _unquote(line.split(" ", 2)[2].rstrip("\r\n"))
+            if path not in current.paths:
+                current.paths.append(path)
+        chunks.append(line)
+        i += 1
+    start([])
+    return sections
+
+
+def patch_paths(patch: str) -> list[str]:
+    """Every repository-relative path a unified diff names (created, edited, deleted, renamed), in order, once."""
+    seen: dict[str, None] = {}
+    for section in split_patch(patch):
+        seen.update(dict.fromkeys(section.paths))
+    return list(seen)
+
+
+def _unquote(text: str) -> str:
+    """A path as git writes it: bare, or in double quotes with C escapes (octal bytes for non-ASCII)."""
+    if not (len(text) >= 2 and text[0] == '"' and text[-1] == '"'):
+        return text
+    out = bytearray()
+    body, k = text[1:-1], 0
+    while k < len(body):
+        char = body[k]
+        if char == "\\" and k + 1 < len(body):
+            escape = body[k + 1]
+            if escape in "01234567" and re.fullmatch(r"[0-7]{3}", body[k + 1 : k + 4]):
+                out.append(int(body[k + 1 : k + 4], 8) & 0xFF)
+                k += 4
+                continue
+            out.append(_C_ESCAPES.get(escape, ord(escape) if escape.isascii() else 0x3F))
+            k += 2
+            continue
+        out += char.encode("utf-8")
+        k += 1
+    return out.decode("utf-8", errors="replace")
+
+
+def _strip_component(path: str) -> str:
+    """`git apply -p1`: the path without its first component (`a/`, `b/`)."""
+    return path.split("/", 1)[1] if "/" in path else path
+
+
+def _file_header_path(header: str) -> str | None:
+    """The path of a `--- ` / `+++ ` line's rest (None for /dev/null); a traditional diff may follow it with a tab
+    and a timestamp."""
+    header = header.rstrip("\r\n")
+    if header.startswith('"'):
+        end = re.match(r'"(?:[^"\\]|\\.)*"', header)
+        name = _unquote(end.group(0)) if end else header
+    else:
+        name = header.split("\t", 1)[0].rstrip(" ")
+    return None if name == "/dev/null" else _strip_component(name)
+
+
+def _git_header_paths(rest: str) -> list[str]:
+    """The two paths of a `diff --git a/X b/Y` line (bare or quoted); for bare paths with spaces, the split where
+    both sides name the same file (a rename's paths also come from its `rename from` / `rename to` lines)."""
+    if rest.startswith('"'):
+        first = re.match(r'"(?:[^"\\]|\\.)*"', rest)
+        if first is None:
+            return []
+        names = [_unquote(first.group(0)), _unquote(rest[first.end() :].strip())]
+    elif rest.endswith('"') and ' "' in rest:
+        k = rest.index(' "')
+        names = [rest[:k], _unquote(rest[k + 1 :])]
+    else:
+        spaces = [k for k, c in enumerate(rest) if c == " "]
+        same = [k for k in spaces if _strip_component(rest[:k]) == _strip_component(rest[k + 1 :])]
+        k = same[0] if same else (rest.find(" b/") if " b/" in rest else (spaces[0] if spaces else -1))
+        names = [rest[:k], rest[k + 1 :]] if k >= 0 else [rest]
+    paths = [_strip_component(n) for n in names]
+    return list(dict.fromkeys(p for p in paths if p))
 
 
 def _apply_test_patch(task: Task, sandbox: Sandbox, test_patch: str) -> None:
     """Reset the files `test_patch` touches to the base commit (the agent may have edited or created them), then
     apply it, as the SWE-bench harness does."""
-    paths = sorted({path for pair in _DIFF_PATHS.findall(test_patch) for path in pair})
+    paths = sorted(patch_paths(test_patch))
     if paths:
         quoted = " ".join(shlex.quote(p) for p in paths)
         base = shlex.quote(sandbox.base_commit)
