@@ -14,7 +14,13 @@ import pytest
 from entropo_trl.demo import solving_step
 from entropo_trl.rollout.client import ChatClient
 from entropo_trl.rollout.oracle import evaluate_patch
-from entropo_trl.rollout.runner import RolloutConfig, default_sandbox_factory, run_rollouts
+from entropo_trl.rollout.runner import (
+    RolloutConfig,
+    RolloutSummary,
+    default_sandbox_factory,
+    errors_path,
+    run_rollouts,
+)
 from entropo_trl.rollout.scaffold import Action
 from entropo_trl.rollout.serve import serve_scripted
 from entropo_trl.rollout.tasks import load_tasks, task_from_swebench
@@ -55,11 +61,13 @@ def toy_tasks(tmp_path_factory):
     return make_toy_tasks(tmp_path_factory.mktemp("toy"), n=3)
 
 
-def _run(tasks, respond, pool, **config):
+def _run(tasks, respond, pool, sandbox_factory=None, **config):
     async def go():
         with serve_scripted(respond) as server:
             async with ChatClient(server.base_url, "scripted") as client:
-                return await run_rollouts(tasks, client, pool, RolloutConfig(**config), progress=False)
+                return await run_rollouts(
+                    tasks, client, pool, RolloutConfig(**config), sandbox_factory=sandbox_factory, progress=False
+                )
 
     return asyncio.run(go())
 
@@ -165,6 +173,30 @@ def test_an_endpoint_that_refuses_every_request_records_nothing(toy_tasks, tmp_p
     summary = _run(toy_tasks[:1], unknown_model, tmp_path / "pool.jsonl", n=2)
     assert summary.ran == 0 and summary.errors == 2  # errors, run again after a restart; not 0-step trajectories
     assert not (tmp_path / "pool.jsonl").exists() or not (tmp_path / "pool.jsonl").read_text()
+    errors = [json.loads(line) for line in errors_path(tmp_path / "pool.jsonl").read_text().splitlines()]
+    assert len(errors) == 2 and all("HTTP 404" in e["error"] and "does not exist" in e["error"] for e in errors)
+
+
+def test_a_failure_after_the_first_step_is_an_error_too(toy_tasks, tmp_path):
+    """An endpoint that goes away mid-episode: the episode is not recorded (no `llm_query_error` trajectory labelled
+    0), and a rerun runs it again from the start."""
+    from entropo_trl.rollout.serve import StubHTTPError
+
+    def dies_at_step_two(messages):
+        if sum(m["role"] == "assistant" for m in messages) == 1:
+            raise StubHTTPError(503, "overloaded")
+        return looper(messages)
+
+    async def go():
+        with serve_scripted(dies_at_step_two) as server:
+            async with ChatClient(server.base_url, "scripted", max_retries=1, backoff=0.01) as client:
+                config = RolloutConfig(max_steps=3, oracle=False)
+                return await run_rollouts(toy_tasks[:1], client, tmp_path / "pool.jsonl", config, progress=False)
+
+    summary = asyncio.run(go())
+    assert summary.ran == 0 and summary.errors == 1 and "1 episodes errored" in str(summary)
+    assert not (tmp_path / "pool.jsonl").exists() or not (tmp_path / "pool.jsonl").read_text()
+    assert _run(toy_tasks[:1], looper, tmp_path / "pool.jsonl", max_steps=3, oracle=False).ran == 1
 
 
 def test_each_sample_gets_its_own_seed(toy_tasks, tmp_path):
@@ -184,11 +216,20 @@ def test_sandbox_root_holds_the_local_checkouts(toy_tasks, tmp_path):
     root = tmp_path / "boxes"
     root.mkdir()
     pool = tmp_path / "pool.jsonl"
-    summary = _run(toy_tasks[:1], quitter, pool, n=2, max_steps=2, sandbox_root=str(root))
-    assert summary.ran == 2
-    for t in read_trajectories(pool):
-        assert Path(t.metadata["workdir"]).parent.parent == root.resolve()  # root/entropo-sandbox-XXX/repo
-        assert not Path(t.metadata["workdir"]).exists()  # removed after the episode
+    checkouts = []
+    make = default_sandbox_factory("local", str(root))
+
+    def factory(task):
+        sandbox = make(task)
+        checkouts.append(sandbox.checkout)  # the private checkout on the host, mounted at /testbed inside
+        return sandbox
+
+    summary = _run(toy_tasks[:1], quitter, pool, factory, n=2, max_steps=2, sandbox_root=str(root))
+    assert summary.ran == 2 and len(checkouts) == 4  # two episodes, and the oracle's sandbox for each
+    assert all(t.metadata["workdir"] == "/testbed" for t in read_trajectories(pool))
+    for checkout in checkouts:
+        assert Path(checkout).parent.parent == root.resolve()  # root/entropo-sandbox-XXX/repo
+        assert not Path(checkout).exists()  # removed after the episode
     with pytest.raises(ValueError, match="local sandboxes only"):
         RolloutConfig(sandbox="docker", sandbox_root=str(root))
 
@@ -315,6 +356,9 @@ def test_cli_with_a_local_transformers_model(toy_tasks, tmp_path, tokenizer, tin
             ["--base_url", "http://127.0.0.1:9/v1", "--model", "m", "--sandbox", "docker", "--sandbox_root", "/tmp"],
             "local sandboxes only",
         ),
+        (["--base_url", "http://127.0.0.1:9/v1", "--model", "m", "--max_retries", "-1"], "--max_retries must be"),
+        (["--base_url", "http://127.0.0.1:9/v1", "--model", "m", "--request_timeout", "0"], "--request_timeout must"),
+        (["--base_url", "http://127.0.0.1:9/v1", "--model", "m", "--sandbox", "vm"], "invalid choice"),
     ],
 )
 def test_cli_rejects_bad_options_before_starting_anything(tmp_path, capsys, extra, message):
@@ -346,7 +390,7 @@ def test_cli_presets_set_the_papers_limits(tmp_path, monkeypatch, extra, steps, 
 
     async def fake_run(args, config, base_url, model):
         seen.update(config=config, context=args.max_context_tokens, base_url=base_url)
-        return "summary"
+        return RolloutSummary(args.pool, 0, 0, 0, 0)
 
     def fake_vllm(model, **kwargs):
         seen["served"] = kwargs

@@ -6,7 +6,16 @@
         --tensor_parallel_size 4 --pool pool.jsonl
     entropo-rollout --tasks toy_tasks/ --serve_transformers ./tiny-model --pool pool.jsonl --max_steps 10
 
-Rerunning the same command resumes: episodes already in the pool are skipped.
+Rerunning the same command resumes: episodes already in the pool are skipped. Several commands may run on one pool
+at once (on one machine): they share the episodes, and each is recorded once.
+
+Episodes that fail outside the model's answers (the endpoint unreachable, HTTP errors after retries, a response that
+is not a chat completion, a sandbox or oracle that will not run) are not recorded: each is one line in
+`POOL.errors.jsonl`, and a rerun runs it again.
+
+Exit status: 0 when every episode asked for is in the pool; 1 when some errored or were not started (the summary
+says how many); 2 for bad options; 130 after Ctrl-C and 143 after SIGTERM (episodes in flight are dropped, their
+sandboxes removed).
 
 `--preset pool` (the default) uses the authors' limits for preference pools: 100 steps, a 65,536-token context;
 `--preset eval` the paper's test-time limits: 200 steps, 131,072 tokens. Both sample at temperature 0.7, top_p 0.8,
@@ -17,10 +26,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import sys
 
 from .client import ChatClient, SamplingParams
-from .runner import RolloutConfig, run_rollouts
+from .runner import RolloutConfig, RolloutSummary, run_rollouts
+from .sandbox import SANDBOX_BACKENDS
 from .tasks import load_tasks
 
 # Limits and sampling per use: preference pools (the authors' rollout settings) and test-time scaling (the paper's
@@ -39,7 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pool", required=True, help="the JSONL pool to append trajectories to")
     parser.add_argument("--base_url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
     parser.add_argument("--model", help="model name sent to the endpoint (and recorded as the source)")
-    parser.add_argument("--api_key", default=None)
+    parser.add_argument("--api_key", default=None, help="the endpoint's key (default: $OPENAI_API_KEY)")
+    parser.add_argument(
+        "--request_timeout", type=float, default=600.0, help="seconds to connect, and to wait for each response"
+    )
+    parser.add_argument(
+        "--max_retries", type=int, default=5, help="retries of a request after connection errors, timeouts, 429, 5xx"
+    )
+    parser.add_argument("--retry_backoff", type=float, default=1.0, help="first wait between retries, doubled after")
     parser.add_argument("--serve_vllm", metavar="MODEL", help="start `vllm serve MODEL` and use it")
     parser.add_argument("--serve_transformers", metavar="PATH", help="serve a local model with transformers (CPU)")
     parser.add_argument("--tensor_parallel_size", type=int, default=1)
@@ -64,7 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top_k", type=int, help="top-k sampling (20)")
     parser.add_argument("--repetition_penalty", type=float, default=1.05)
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--sandbox", choices=["local", "docker"], default="local")
+    parser.add_argument(
+        "--sandbox",
+        choices=SANDBOX_BACKENDS,
+        default="local",
+        help="local: an isolated bubblewrap sandbox (default); docker: a container per episode; host: commands run "
+        "on this machine without isolation (trusted models only)",
+    )
     parser.add_argument(
         "--sandbox_root",
         help="folder for the local sandboxes' private checkouts (default: the temporary directory; a tmpfs such as "
@@ -72,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no_oracle", action="store_true", help="do not run the tests (reward stays 0)")
     parser.add_argument("--limit", type=int, help="only the first N tasks")
+    parser.add_argument(
+        "--stop_after_llm_errors",
+        type=int,
+        default=16,
+        help="start no new episode after this many in a row could not reach the model (0: never stop)",
+    )
     return parser
 
 
@@ -96,19 +126,39 @@ def _config(args) -> RolloutConfig:
         sandbox=args.sandbox,
         sandbox_root=args.sandbox_root,
         oracle=not args.no_oracle,
+        stop_after_llm_errors=args.stop_after_llm_errors or None,
     )
 
 
-async def _run(args, config: RolloutConfig, base_url: str, model: str):
-    tasks = load_tasks(args.tasks)[: args.limit]
-    async with ChatClient(
-        base_url,
-        model,
-        api_key=args.api_key,
-        max_context_tokens=args.max_context_tokens,
-        max_concurrency=args.concurrency,
-    ) as client:
-        return await run_rollouts(tasks, client, args.pool, config)
+class Terminated(Exception):
+    """SIGTERM arrived: unwind like Ctrl-C, so that servers are stopped and sandboxes removed."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated
+
+
+async def _run(args, config: RolloutConfig, base_url: str, model: str) -> RolloutSummary:
+    # inside the event loop, SIGTERM cancels the run (as asyncio does for Ctrl-C): each episode in flight closes its
+    # sandbox and gives its claim back
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
+    try:
+        tasks = load_tasks(args.tasks)[: args.limit]
+        async with ChatClient(
+            base_url,
+            model,
+            api_key=args.api_key,
+            timeout=args.request_timeout,
+            max_retries=args.max_retries,
+            backoff=args.retry_backoff,
+            max_context_tokens=args.max_context_tokens,
+            max_concurrency=args.concurrency,
+        ) as client:
+            return await run_rollouts(tasks, client, args.pool, config)
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,11 +176,23 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--tensor_parallel_size / --data_parallel_size apply to --serve_vllm only")
     if args.limit is not None and args.limit < 1:
         parser.error(f"--limit must be >= 1, got {args.limit}")
+    for name in ("stop_after_llm_errors", "max_retries", "retry_backoff"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if not args.request_timeout > 0:
+        parser.error(f"--request_timeout must be > 0 seconds, got {args.request_timeout}")
     try:
         config = _config(args)
     except ValueError as error:  # limits and options that do not fit together, before any server starts
         parser.error(str(error))
+    if args.sandbox == "host":
+        print(
+            "entropo-rollout: warning: --sandbox host is not isolated: the model's commands run on this machine with "
+            "your rights, and see its files, network, processes and environment; use it for trusted models only",
+            file=sys.stderr,
+        )
     server = None
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         if args.serve_vllm:
             from .serve import start_vllm_server
@@ -151,11 +213,28 @@ def main(argv: list[str] | None = None) -> int:
         else:
             base_url, model = args.base_url, args.model
         summary = asyncio.run(_run(args, config, base_url, model))
+    except (Terminated, asyncio.CancelledError):
+        print("entropo-rollout: terminated (SIGTERM); rerun the same command to resume", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    except KeyboardInterrupt:
+        print("entropo-rollout: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 128 + signal.SIGINT
     finally:
         if server is not None:
             server.stop()
+        signal.signal(signal.SIGTERM, previous)
     print(summary)
     print(f"pool: {args.pool}")
+    if summary.errors or summary.not_started:
+        missing = f"{summary.errors} episodes errored" + (
+            f" and {summary.not_started} were not started" if summary.not_started else ""
+        )
+        print(
+            f"entropo-rollout: {missing}; nothing was recorded for them (errors: {summary.errors_file}). Rerun the "
+            "same command to run them again.",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

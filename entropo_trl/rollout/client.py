@@ -133,8 +133,12 @@ class ContextLimitExceeded(RuntimeError):
 
 
 class LLMError(RuntimeError):
-    """A request failed for good: a non-retryable answer, or retries exhausted. `status` is the last HTTP status
-    (`None` for a connection error or timeout) and `body` the start of the last response body."""
+    """A request failed for good: a non-retryable answer, retries exhausted, or a response that is not a chat
+    completion. `status` is the last HTTP status (`None` for a connection error or timeout) and `body` the start of
+    the last response body.
+
+    No model answered, so this says nothing about the model: the rollout runner records no trajectory for an episode
+    that ends in one, but a line in the pool's errors file, and runs the episode again on a rerun."""
 
     def __init__(self, message: str, status: int | None = None, body: str = ""):
         super().__init__(message)
