@@ -16,9 +16,21 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export WANDB_MODE := offline
 
-.PHONY: install test test-all lint bench demo clean
+.PHONY: install sandbox-deps test test-all lint bench demo clean
 
-install: $(VENV)/.installed
+install: sandbox-deps $(VENV)/.installed
+
+# The isolated local sandbox (`--sandbox local`, the default) needs bubblewrap: installed here when apt-get can (as root,
+# e.g. on CI); elsewhere a warning names the command.
+sandbox-deps:
+	@if ! command -v bwrap >/dev/null 2>&1; then \
+		if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+			echo "installing bubblewrap (bwrap) for the local sandbox"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; \
+		else \
+			echo "warning: bubblewrap (bwrap) is missing; --sandbox local needs it: apt-get install bubblewrap"; \
+		fi; \
+	fi
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -8,8 +8,9 @@ local sandbox (a private git checkout of a toy repository), without the test ora
 ideal is 32; the target is >= 70 % of it. T(1) and T(32) are measured side by side in each of `--rounds` rounds (the
 median is reported), once per sandbox root: the default temporary directory, and /dev/shm (a tmpfs) where it exists.
 
-Sandbox overhead: median wall time of `LocalSandbox.run("true")` minus the median of running `bash -c true` directly
-with `subprocess.run`, measured interleaved.
+Sandbox overhead: median wall time of `run("true")` in the isolated local sandbox (bubblewrap; target: at most 30 ms
+over plain `bash -c`) and in the unisolated host sandbox, minus the median of running `bash -c true` directly with
+`subprocess.run`, the three measured interleaved.
 """
 
 import argparse
@@ -29,7 +30,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 from entropo_trl.rollout.client import ChatClient  # noqa: E402
 from entropo_trl.rollout.runner import RolloutConfig, run_rollouts  # noqa: E402
-from entropo_trl.rollout.sandbox import LocalSandbox  # noqa: E402
+from entropo_trl.rollout.sandbox import BwrapSandbox, LocalSandbox, require_bwrap  # noqa: E402
 from entropo_trl.rollout.scaffold import Action  # noqa: E402
 from entropo_trl.rollout.serve import serve_scripted  # noqa: E402
 from entropo_trl.rollout.toy import make_toy_tasks  # noqa: E402
@@ -124,24 +125,31 @@ def _children_cpu() -> float:
 
 
 def overhead_part(calls: int) -> dict:
+    require_bwrap()
     workdir = tempfile.mkdtemp(prefix="entropo-bench-")
     [task] = make_toy_tasks(workdir + "/tasks", n=1)
-    sandbox_times, direct_times = [], []
-    with LocalSandbox(task.repo_path) as sandbox:
+    times = {"isolated": [], "host": [], "bash": []}
+    with BwrapSandbox(task.repo_path) as isolated, LocalSandbox(task.repo_path) as host:
         for _ in range(calls):
-            start = time.perf_counter()
-            sandbox.run("true")
-            sandbox_times.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            subprocess.run(["bash", "-c", "true"], cwd=sandbox.workdir, capture_output=True)
-            direct_times.append(time.perf_counter() - start)
+            for name, call in (
+                ("isolated", lambda: isolated.run("true")),
+                ("host", lambda: host.run("true")),
+                ("bash", lambda: subprocess.run(["bash", "-c", "true"], cwd=host.workdir, capture_output=True)),
+            ):
+                start = time.perf_counter()
+                call()
+                times[name].append(time.perf_counter() - start)
     shutil.rmtree(workdir, ignore_errors=True)
-    sandbox_median, direct_median = statistics.median(sandbox_times), statistics.median(direct_times)
+    medians = {name: 1000 * statistics.median(values) for name, values in times.items()}
     return {
         "calls": calls,
-        "sandbox_run_median_ms": 1000 * sandbox_median,
-        "bash_direct_median_ms": 1000 * direct_median,
-        "overhead_median_ms": 1000 * (sandbox_median - direct_median),
+        "isolated_run_median_ms": medians["isolated"],
+        "host_run_median_ms": medians["host"],
+        "bash_direct_median_ms": medians["bash"],
+        "isolated_overhead_median_ms": medians["isolated"] - medians["bash"],
+        "host_overhead_median_ms": medians["host"] - medians["bash"],
+        "isolated_over_bash_ratio": medians["isolated"] / medians["bash"],
+        "isolated_overhead_target_ms": 30,
     }
 
 
@@ -157,17 +165,16 @@ def main():
         default="default,/dev/shm",
         help="comma-separated folders for the sandboxes ('default': the temporary directory); missing ones are skipped",
     )
+    parser.add_argument("--overhead_only", action="store_true", help="only the sandbox overhead part")
     parser.add_argument("--serve_stub", metavar="URL_FILE", help=argparse.SUPPRESS)
     cli = parser.parse_args()
     if cli.serve_stub:
         stub_server(cli.steps, cli.delay, cli.serve_stub)
         return
     roots = [None if r == "default" else r for r in cli.sandbox_roots.split(",") if r == "default" or Path(r).is_dir()]
-    results = {
-        "cpus": os.cpu_count(),
-        "concurrency": concurrency_part(cli.episodes, cli.steps, cli.delay, roots, cli.rounds),
-        "sandbox_overhead": overhead_part(cli.calls),
-    }
+    results = {"cpus": os.cpu_count(), "sandbox_overhead": overhead_part(cli.calls)}
+    if not cli.overhead_only:
+        results["concurrency"] = concurrency_part(cli.episodes, cli.steps, cli.delay, roots, cli.rounds)
     print(json.dumps(results, indent=2))
 
 

@@ -1,8 +1,9 @@
-"""Sandboxes: LocalSandbox against real temporary repositories, DockerSandbox's command lines (and, when a daemon
-answers, a real container)."""
+"""Sandboxes: LocalSandbox and the isolated BwrapSandbox against real temporary repositories, DockerSandbox's command
+lines (and, when a daemon answers, a real container), make_sandbox and the sweep of stale sandbox folders."""
 
 import os
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -11,14 +12,23 @@ from pathlib import Path
 
 import pytest
 
+from entropo_trl.rollout import sandbox as sandbox_module
 from entropo_trl.rollout.sandbox import (
     SWEBENCH_SETUP,
+    BwrapSandbox,
     CommandResult,
     DockerSandbox,
     LocalSandbox,
     SandboxError,
+    SandboxLimits,
     default_docker_setup,
+    make_sandbox,
+    require_bwrap,
+    sweep_stale_sandboxes,
 )
+from entropo_trl.rollout.tasks import Task
+
+needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed")
 
 
 def make_repo(path: Path, git: bool = False) -> Path:
@@ -432,3 +442,198 @@ def test_docker_sandbox_through_a_fake_cli(tmp_path):
         assert timed.timed_out and timed.exit_code == -1 and timed.stdout == "hi\n"
     with LocalSandbox(make_repo(tmp_path / "fresh"), root=tmp_path) as fresh:
         assert fresh.apply_patch(patch).ok and fresh.read_file("pkg/new/mod.py") == "héllo = 1\n"
+
+
+# ------------------------------------------------------------------------------------------ BwrapSandbox (isolated)
+
+
+@pytest.fixture
+def isolated(repo, tmp_path):
+    with BwrapSandbox(repo, root=tmp_path / "boxes", env={"TASK_VAR": "task value"}) as box:
+        yield box
+
+
+@needs_bwrap
+def test_isolated_checkout_is_at_testbed_and_round_trips(repo, isolated, tmp_path):
+    assert isolated.workdir == "/testbed" and len(isolated.base_commit) == 40
+    assert isolated.run("pwd; git rev-parse HEAD").stdout.split() == ["/testbed", isolated.base_commit]
+    isolated.write_file("pkg/core.py", "def add(a, b):\n    return b + a\n")
+    isolated.write_file("/testbed/docs/new.txt", "héllo\n")
+    assert Path(isolated.checkout, "docs/new.txt").read_text() == "héllo\n"  # the private copy on the host
+    assert isolated.read_file("docs/new.txt") == "héllo\n" and isolated.exists("docs") and isolated.is_dir("docs")
+    assert isolated.list_dir(".") == ["README.md", "docs/", "docs/new.txt", "pkg/", "pkg/__init__.py", "pkg/core.py"]
+    patch = isolated.diff()
+    assert "+    return b + a" in patch and "+héllo" in patch
+    assert (repo / "pkg/core.py").read_text().startswith("def add(a, b):\n    return a + b")  # the source is untouched
+    with BwrapSandbox(repo, root=tmp_path / "boxes") as other:
+        assert other.apply_patch(patch).ok and other.diff() == patch
+    with pytest.raises(FileNotFoundError):
+        isolated.read_file("missing.txt")
+    with pytest.raises(IsADirectoryError):
+        isolated.read_file("pkg")
+    with pytest.raises(NotADirectoryError):
+        isolated.list_dir("README.md")
+    assert len(isolated.list_dir(".", limit=2)) == 2
+
+
+@needs_bwrap
+def test_isolated_writes_outside_the_checkout_do_not_reach_the_host(isolated, tmp_path):
+    token = os.urandom(6).hex()
+    result = isolated.run(
+        f"echo x > /tmp/escape-{token}; echo y > /testbed/../escape-{token}; touch /usr/escape-{token}; "
+        f"echo z > {tmp_path}/escape-{token}; cat /tmp/escape-{token}"
+    )
+    assert result.stdout == "x\n"  # the private /tmp works, and is kept for the episode
+    assert "Read-only file system" in result.stderr or "No such file" in result.stderr
+    for host_path in (
+        f"/tmp/escape-{token}",
+        f"/escape-{token}",
+        f"/usr/escape-{token}",
+        f"{tmp_path}/escape-{token}",
+    ):
+        assert not os.path.exists(host_path)
+    with pytest.raises(OSError):
+        isolated.write_file(f"/testbed/../escape-{token}", "x")
+    isolated.write_file(f"/tmp/escape-{token}", "private")
+    assert not os.path.exists(f"/tmp/escape-{token}") and isolated.read_file(f"/tmp/escape-{token}") == "private"
+    assert isolated.run("ls /home").exit_code != 0 and isolated.run("ls /run").exit_code != 0  # absent
+    home = os.path.expanduser("~")
+    python_dirs = [Path(d) for d in sandbox_module._python_dirs() if Path(d).is_relative_to(home)]
+    allowed = {d.relative_to(home).parts[0] for d in python_dirs}
+    assert set(isolated.run(f"ls -A {home}").stdout.split()) <= allowed  # at most the running Python's folders
+    assert isolated.run("cat /etc/shadow").stdout == ""
+
+
+@needs_bwrap
+def test_isolated_environment_has_no_secrets(monkeypatch, repo, tmp_path):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-secret-value")
+    monkeypatch.setenv("HF_TOKEN", "hf_test_secret_value")
+    with BwrapSandbox(repo, root=tmp_path, env={"TASK_VAR": "task value"}) as box:
+        shown = box.run("env; tr '\\0' '\\n' < /proc/self/environ; cat /proc/1/environ /proc/$PPID/environ").stdout
+    assert "secret_value" not in shown and "secret-value" not in shown
+    names = {line.split("=", 1)[0] for line in shown.splitlines() if "=" in line}
+    assert (
+        {"PATH", "HOME", "LANG", "TASK_VAR"}
+        <= names
+        <= {"PATH", "HOME", "LANG", "TASK_VAR", "PWD", "SHLVL", "_"} | set(sandbox_module.COMMAND_ENV)
+    )
+
+
+@needs_bwrap
+def test_isolated_sandbox_has_no_network(isolated):
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.5)
+    port = listener.getsockname()[1]
+    try:
+        script = f"import socket; socket.create_connection(('127.0.0.1', {port}), timeout=2)"
+        result = isolated.run(f'python -c "{script}"', timeout=30)
+        assert result.exit_code != 0 and "Connection refused" in result.stderr
+        with pytest.raises(socket.timeout):
+            listener.accept()
+    finally:
+        listener.close()
+
+
+@needs_bwrap
+def test_isolated_processes_end_with_their_call(isolated):
+    token = os.urandom(6).hex()
+    result = isolated.run(
+        f"setsid bash -c 'exec -a entropo-{token} sleep 1000' & (bash -c 'exec -a entropo-{token} sleep 1000' &); echo ok"
+    )
+    assert result.ok and result.stdout == "ok\n"
+    time.sleep(0.3)
+    found = subprocess.run(["pgrep", "-f", f"entropo-{token}"], capture_output=True, text=True).stdout
+    assert found == ""  # the double-forked process died with the call's PID namespace
+    assert isolated.run("ps -e -o pid= | wc -l").stdout.strip() in {"2", "3", "4"}  # a fresh PID namespace
+
+
+@needs_bwrap
+def test_isolated_limits(repo, tmp_path):
+    limits = SandboxLimits(file_size=1024 * 1024)
+    with BwrapSandbox(repo, root=tmp_path, limits=limits) as box:
+        result = box.run("head -c 2000000 /dev/zero > big; stat -c %s big")
+        assert result.stdout.strip() == str(1024 * 1024)  # cut at the limit (SIGXFSZ)
+        assert box.run("ulimit -f; ulimit -u; ulimit -v").stdout.split() == ["1024", "1024", str(8 * 1024 * 1024)]
+
+
+@needs_bwrap
+def test_isolated_special_files_are_refused_within_the_time_limit(isolated):
+    isolated.run("mkfifo fifo && ln -s /dev/zero zero")
+    for path in ("fifo", "/dev/zero", "zero"):
+        start = time.monotonic()
+        with pytest.raises(OSError, match="not a regular file"):
+            isolated.read_file(path, timeout=2)
+        with pytest.raises(OSError, match="not a regular file"):
+            isolated.write_file(path, "x", timeout=2)
+        assert time.monotonic() - start < 2
+    isolated.run("head -c 3000 /dev/zero > big")
+    with pytest.raises(OSError, match="3000 bytes"):
+        isolated.read_file("big", limit=1000)
+
+
+@needs_bwrap
+def test_isolated_timeout_kills_everything(isolated):
+    start = time.monotonic()
+    result = isolated.run("echo started; setsid sleep 1000 & while true; do sleep 0.1; done", timeout=1.0)
+    assert result.timed_out and result.exit_code == -1 and result.stdout == "started\n"
+    assert time.monotonic() - start < 3
+
+
+def test_host_sandbox_refuses_special_files(sandbox):
+    os.mkfifo(Path(sandbox.workdir, "fifo"))
+    for path in ("fifo", "/dev/zero"):
+        with pytest.raises(OSError, match="not a regular file"):
+            sandbox.read_file(path)
+    with pytest.raises(OSError, match="not a regular file"):
+        sandbox.write_file("fifo", "x")
+    sandbox.write_file("big", "x" * 3000)
+    with pytest.raises(OSError, match="3000 bytes"):
+        sandbox.read_file("big", limit=1000)
+    assert len(sandbox.list_dir(".", limit=2)) == 2
+
+
+def test_missing_bwrap_is_a_clear_error(monkeypatch, repo, tmp_path):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    require_bwrap.cache_clear()
+    try:
+        with pytest.raises(SandboxError, match="apt-get install bubblewrap"):
+            make_sandbox("local", Task("t", "issue", repo_path=str(repo)), str(tmp_path))
+    finally:
+        require_bwrap.cache_clear()
+
+
+def test_make_sandbox_backends(repo, tmp_path, caplog):
+    task = Task("t", "issue", repo_path=str(repo))
+    with make_sandbox("host", task, str(tmp_path)) as host:
+        assert isinstance(host, LocalSandbox) and host.workdir != "/testbed"
+    assert "not isolated" in caplog.text or "without isolation" in caplog.text
+    with pytest.raises(ValueError, match="unknown sandbox backend"):
+        make_sandbox("chroot", task)
+    with pytest.raises(ValueError, match="no Docker image"):
+        make_sandbox("docker", task)
+    with pytest.raises(ValueError, match="no local repository"):
+        make_sandbox("local", Task("t", "issue"))
+    assert DockerSandbox("img").start_command()[8:10] == ["--network", "none"]  # no network by default
+    if shutil.which("bwrap"):
+        with make_sandbox("local", task, str(tmp_path)) as local:
+            assert isinstance(local, BwrapSandbox) and local.workdir == "/testbed"
+
+
+def test_sweep_removes_only_the_folders_of_dead_runs(repo, tmp_path):
+    root = tmp_path / "boxes"
+    live = LocalSandbox(repo, root=root)
+    stale = root / "entropo-sandbox-p999999999s1-abc"
+    (stale / "repo").mkdir(parents=True)
+    (stale / "repo" / "locked").mkdir()
+    (stale / "repo" / "locked").chmod(0o500)
+    unmarked = root / "entropo-sandbox-old"
+    unmarked.mkdir()
+    other = root / "unrelated"
+    other.mkdir()
+    try:
+        assert sweep_stale_sandboxes(root) == [str(stale)]
+        assert not stale.exists() and unmarked.exists() and other.exists()
+        assert os.path.isdir(live.workdir)  # this process's sandbox stays
+        assert sweep_stale_sandboxes(tmp_path / "missing") == []
+    finally:
+        live.close()

@@ -1,15 +1,18 @@
-"""The scaffold tools against a LocalSandbox over a small temporary repository."""
+"""The scaffold tools against a LocalSandbox (and the isolated BwrapSandbox) over a small temporary repository."""
 
 import json
 import os
+import shutil
 import sys
+import time
 
 import pytest
 
-from entropo_trl.rollout.sandbox import LocalSandbox
+from entropo_trl.rollout.sandbox import BwrapSandbox, LocalSandbox
 from entropo_trl.rollout.scaffold import Action, parse_action
 from entropo_trl.rollout.tools import (
     CONCISE_MIN_LINES,
+    MAX_LISTED_ENTRIES,
     MAX_OBSERVATION_CHARS,
     MAX_SEARCH_FILES,
     ToolResult,
@@ -338,3 +341,61 @@ def test_every_observation_is_clipped(box, state):
     box.write_file("wide.py", json.dumps(["x" * 20_000]) + "\n")
     missing = edit(box, state, command="str_replace", path=path(box, "wide.py"), old_str="y" * 20_000, new_str="")
     assert len(missing) <= MAX_OBSERVATION_CHARS and "<response clipped>" in missing
+
+
+# ------------------------------------------------------------------------------------------------ isolated sandbox
+
+
+@pytest.fixture
+def isolated(tmp_path):
+    if shutil.which("bwrap") is None:
+        pytest.skip("bubblewrap is not installed")
+    repo = tmp_path / "isolated_repo"
+    (repo / "pkg").mkdir(parents=True)
+    (repo / "pkg" / "core.py").write_text(CORE)
+    with BwrapSandbox(repo, root=tmp_path / "boxes") as sandbox:
+        yield sandbox
+
+
+def test_isolated_file_tools_work_at_testbed(isolated, state):
+    assert "     1\tdef add(a, b):" in edit(isolated, state, command="view", path="/testbed/pkg/core.py")
+    edit(isolated, state, command="str_replace", path="pkg/core.py", old_str="a + b", new_str="b + a")
+    assert "return b + a" in isolated.read_file("pkg/core.py")
+    assert "/testbed/pkg/core.py" in edit(isolated, state, command="view", path="/testbed")
+    assert "core.py (1 matches)" in call(isolated, state, "search", search_term="b + a").observation
+    assert "undone" in edit(isolated, state, command="undo_edit", path="pkg/core.py")
+
+
+def test_isolated_file_tools_never_write_on_the_host(isolated, state):
+    token = os.urandom(6).hex()
+    created = edit(isolated, state, command="create", path=f"/tmp/escape-{token}", file_text="x")
+    assert "created" in created and not os.path.exists(f"/tmp/escape-{token}")  # the sandbox's private /tmp
+    for target in (f"/testbed/../escape-{token}", f"/etc/escape-{token}", "/etc/passwd"):
+        observation = edit(isolated, state, command="create", path=target, file_text="x")
+        assert observation.startswith("ERROR:"), observation
+    assert not os.path.exists(f"/escape-{token}") and not os.path.exists(f"/etc/escape-{token}")
+    observation = edit(
+        isolated, state, command="str_replace", path="/etc/passwd", old_str="root:x:0:0:", new_str="toor:x:0:0:"
+    )
+    assert observation.startswith("ERROR:") and "Read-only" in observation
+
+
+@pytest.mark.parametrize("sandbox_kind", ["host", "isolated"])
+def test_special_files_are_refused_within_the_tool_limit(sandbox_kind, box, state, request):
+    sandbox = box if sandbox_kind == "host" else request.getfixturevalue("isolated")
+    sandbox.run("mkfifo fifo && ln -s /dev/zero zero")
+    for target in ("fifo", "/dev/zero", "zero"):
+        start = time.monotonic()
+        observation = edit(sandbox, state, command="view", path=target)
+        assert observation.startswith("ERROR:") and "not a regular file" in observation, observation
+        replaced = edit(sandbox, state, command="str_replace", path=target, old_str="a", new_str="b")
+        assert "not a regular file" in replaced
+        searched = call(sandbox, state, "search", search_term="x", path=target, timeout=3).observation
+        assert searched.startswith("ERROR:") and "not a regular file" in searched
+        assert time.monotonic() - start < 3
+
+
+def test_directory_listing_is_bounded(box, state):
+    box.run(f"mkdir many && cd many && touch $(seq 1 {MAX_LISTED_ENTRIES + 10})")
+    observation = edit(box, state, command="view", path="many")
+    assert f"more than {MAX_LISTED_ENTRIES} entries" in observation

@@ -185,6 +185,13 @@ def main(argv: list[str] | None = None) -> int:
         config = _config(args)
     except ValueError as error:  # limits and options that do not fit together, before any server starts
         parser.error(str(error))
+    if args.sandbox == "local":
+        from .sandbox import SandboxError, require_bwrap
+
+        try:
+            require_bwrap()  # the isolated sandbox's one requirement, checked before any server starts
+        except SandboxError as error:
+            parser.error(str(error))
     if args.sandbox == "host":
         print(
             "entropo-rollout: warning: --sandbox host is not isolated: the model's commands run on this machine with "

@@ -1,30 +1,42 @@
 """Sandboxes: where an agent's commands run and its files live, one per episode.
 
-Two implementations share one interface, [`Sandbox`]:
+Three implementations share one interface, [`Sandbox`]; [`make_sandbox`] picks one by backend name:
 
-- [`LocalSandbox`] copies a folder into a private temporary directory and runs commands there with `bash -c`. No
-  isolation beyond the copy: for tests, demos and trusted tasks.
-- [`DockerSandbox`] runs one container per episode (e.g. an R2E-Gym / SWE-bench image with the repository at
-  `/testbed`) and talks to it through the `docker` CLI. Every command line is built by a small pure method, so it can
-  be checked without a daemon.
+- "local": [`BwrapSandbox`] copies a folder into a private temporary directory and mounts it at `/testbed` inside a
+  bubblewrap (`bwrap`) namespace for every command and file operation: no network, a cleared environment, a
+  read-only view of the system's programs and nothing else of the host, a private `/tmp`, its own PID namespace (no
+  process outlives its call) and limits on file size, processes and memory. The model's commands are hostile input.
+- "host": [`LocalSandbox`], the same private copy, with commands run on the host with `bash -c`. No isolation beyond
+  the copy: for trusted tasks only.
+- "docker": [`DockerSandbox`] runs one container per episode (e.g. an R2E-Gym / SWE-bench image with the repository
+  at `/testbed`, no network by default) and talks to it through the `docker` CLI. Every command line is built by a
+  small pure method, so it can be checked without a daemon.
 
 Both record a base commit when they start; [`Sandbox.diff`] is the agent's patch against it (new files included), and
 [`Sandbox.apply_patch`] replays such a patch in another sandbox.
 
-Paths given to the file methods are absolute, or relative to `workdir`.
+Paths given to the file methods are absolute, or relative to `workdir`. The file methods refuse FIFOs, devices and
+sockets (which could block or never end), read at most `MAX_READ_BYTES` and list at most `limit` entries; the
+isolated backends run them as commands with a time limit. [`sweep_stale_sandboxes`] removes the private copies that
+runs which died without cleaning up left behind.
 """
 
 from __future__ import annotations
 
 import atexit
 import base64
+import functools
+import logging
 import math
 import os
 import posixpath
+import re
+import resource
 import selectors
 import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -36,6 +48,12 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .tasks import Task
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 90.0
 DEFAULT_MAX_OUTPUT = 1_000_000
@@ -43,6 +61,10 @@ DEFAULT_MAX_OUTPUT = 1_000_000
 MAX_DIFF_CHARS = 50_000_000
 # Environment every command sees: no pagers, no colours, no stray .pyc files in the diff.
 COMMAND_ENV = {"PAGER": "cat", "GIT_PAGER": "cat", "TERM": "dumb", "PYTHONDONTWRITEBYTECODE": "1"}
+# Limits of the file methods: seconds per operation (isolated backends), bytes a read returns, entries a listing returns.
+FILE_TIMEOUT = 60.0
+MAX_READ_BYTES = 16 * 1024 * 1024
+MAX_LIST_ENTRIES = 10_000
 GIT_IDENTITY = {"user.name": "entropo", "user.email": "entropo@localhost", "commit.gpgsign": "false"}
 
 # After the command's main process exits, how long its background children may keep the output pipes open.
@@ -97,23 +119,26 @@ class Sandbox(ABC):
         characters (its head and tail are kept, with a note of how much was dropped between them)."""
 
     @abstractmethod
-    def read_file(self, path: str) -> str:
-        """The file's text (UTF-8). Raises `FileNotFoundError`, `IsADirectoryError` or `UnicodeDecodeError`."""
+    def read_file(self, path: str, timeout: float = FILE_TIMEOUT, limit: int = MAX_READ_BYTES) -> str:
+        """The file's text (UTF-8). Raises `FileNotFoundError`, `IsADirectoryError`, `UnicodeDecodeError`, or
+        `OSError` for a special file (FIFO, device, socket) or a file of more than `limit` bytes."""
 
     @abstractmethod
-    def write_file(self, path: str, content: str) -> None:
-        """Write `content` (UTF-8) to the file, creating its parent directories."""
+    def write_file(self, path: str, content: str, timeout: float = FILE_TIMEOUT) -> None:
+        """Write `content` (UTF-8) to the file, creating its parent directories. Special files are refused."""
 
     @abstractmethod
-    def exists(self, path: str) -> bool: ...
+    def exists(self, path: str, timeout: float = FILE_TIMEOUT) -> bool: ...
 
     @abstractmethod
-    def is_dir(self, path: str) -> bool: ...
+    def is_dir(self, path: str, timeout: float = FILE_TIMEOUT) -> bool: ...
 
     @abstractmethod
-    def list_dir(self, path: str, depth: int = 2) -> list[str]:
+    def list_dir(
+        self, path: str, depth: int = 2, limit: int = MAX_LIST_ENTRIES, timeout: float = FILE_TIMEOUT
+    ) -> list[str]:
         """Non-hidden entries under `path` up to `depth` levels deep (hidden directories are not entered), relative
-        to `path`, sorted; directories end with '/'."""
+        to `path`, sorted; directories end with '/'. At most `limit` of them (which ones is unspecified)."""
 
     @abstractmethod
     def apply_patch(self, patch: str) -> CommandResult:
@@ -152,10 +177,12 @@ class Sandbox(ABC):
 
 
 def _diff_script(base_commit: str) -> str:
-    # A copy of the index, so `git add -A` does not change what the agent has staged.
+    # A copy of the index, so `git add -A` does not change what the agent has staged. The copy keeps the index's
+    # mtime (`cp -p`): git re-reads a file whose stat data matches its entry only when the entry is not older than the
+    # index ("racy git"), and a fresh mtime would hide an edit of the same size made in the second the file was staged.
     return (
         'tmp="$(mktemp -d)"; idx="$tmp/index"; trap \'rm -rf "$tmp"\' EXIT; '
-        'cp "$(git rev-parse --git-path index)" "$idx" 2>/dev/null || true; '
+        'cp -p "$(git rev-parse --git-path index)" "$idx" 2>/dev/null || true; '
         'export GIT_INDEX_FILE="$idx"; git add -A && '
         f"git -c core.fileMode=false diff --cached --binary --no-color --no-ext-diff {shlex.quote(base_commit)}"
     )
@@ -185,6 +212,26 @@ def _decode_capped(capture: _Capture, max_output: int) -> str:
     else:
         note = f"about {len(head_text) - len(kept_head) + dropped_bytes + len(tail_text) - len(kept_tail)} characters"
     return kept_head + f"\n[... output truncated: {note} dropped ...]\n" + kept_tail
+
+
+def special_file_error(path: str, kind: str) -> OSError:
+    """The error for a file operation on a FIFO, device or socket, which could block or never end."""
+    return OSError(f"{path} is a {kind}, not a regular file: file operations refuse special files")
+
+
+def too_large_error(path: str, size: int, limit: int) -> OSError:
+    return OSError(
+        f"{path} has {size} bytes, more than the {limit} that a file operation reads; look at parts of it with "
+        "execute_bash (head, sed -n, grep)"
+    )
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+                       (stat.S_ISSOCK, "socket")):  # fmt: skip
+        if test(mode):
+            return kind
+    return "special file"
 
 
 def _kill_group(pgid: int) -> None:
@@ -354,6 +401,65 @@ def _local_env() -> dict[str, str]:
     return env
 
 
+SANDBOX_PREFIX = "entropo-sandbox-"
+"""Name prefix of the folders local sandboxes (and their prepared checkouts) make under their root."""
+_OWNER = re.compile(r"-p(\d+)s(\d+)-")
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of a live process (clock ticks after boot, from /proc), None if there is no such process: with
+    the pid it names a process even after its pid is reused."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields[19] if fields[0] != "Z" else None
+
+
+def _owned_prefix(prefix: str) -> str:
+    """A folder name prefix that records the process making the folder (pid and start time), for
+    [`sweep_stale_sandboxes`]."""
+    return f"{prefix}p{os.getpid()}s{_process_start(os.getpid()) or 0}-"
+
+
+def _remove_tree(path: str) -> None:
+    """`rm -rf path`, also through directories the agent made read-only (best effort)."""
+
+    def writable_and_retry(function, failed, _):
+        try:
+            os.chmod(os.path.dirname(failed), 0o700)
+            if os.path.isdir(failed) and not os.path.islink(failed):
+                os.chmod(failed, 0o700)
+            function(failed)
+        except OSError:
+            pass
+
+    shutil.rmtree(path, onerror=writable_and_retry)
+
+
+def sweep_stale_sandboxes(root: str | Path | None = None) -> list[str]:
+    """Remove the sandbox folders under `root` (default: the temporary directory) that runs which are gone left
+    behind (killed before they could clean up). A folder is stale when the process its name records (pid and start
+    time) no longer runs; folders without that record are left alone. Returns the removed folders."""
+    root = Path(root or tempfile.gettempdir())
+    removed = []
+    try:
+        entries = list(os.scandir(root))
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        if not entry.name.startswith(SANDBOX_PREFIX) or not entry.is_dir(follow_symlinks=False):
+            continue
+        owner = _OWNER.search(entry.name)
+        if owner is None or _process_start(int(owner.group(1))) == owner.group(2):
+            continue
+        _remove_tree(entry.path)
+        removed.append(entry.path)
+    if removed:
+        logger.info(f"removed {len(removed)} sandbox folders left by earlier runs under {root}")
+    return removed
+
+
 class LocalSandbox(Sandbox):
     """A private copy of `repo` in a fresh temporary directory; commands run there with `bash -c`.
 
@@ -375,7 +481,7 @@ class LocalSandbox(Sandbox):
             os.makedirs(root, exist_ok=True)
         self._groups: set[int] = set()
         self._owner_pid = os.getpid()
-        self._root = tempfile.mkdtemp(prefix="entropo-sandbox-", dir=root)
+        self._root = tempfile.mkdtemp(prefix=_owned_prefix(SANDBOX_PREFIX), dir=root)
         self.scratch_dir = self._root
         self._closed = False
         try:
@@ -429,26 +535,50 @@ class LocalSandbox(Sandbox):
             self._groups.add(pgid)
         return result
 
-    def read_file(self, path: str) -> str:
-        return Path(self.resolve(path)).read_bytes().decode("utf-8")
+    # The file methods run here, on the host: they check the kind of file before opening it and open it without
+    # blocking, so a special file is refused at once (the time limit is not needed and not used).
 
-    def write_file(self, path: str, content: str) -> None:
+    def read_file(self, path: str, timeout: float = FILE_TIMEOUT, limit: int = MAX_READ_BYTES) -> str:
+        target = self.resolve(path)
+        mode = os.stat(target).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(f"is a directory: {target}")
+        if not stat.S_ISREG(mode):
+            raise special_file_error(target, _file_kind(mode))
+        with open(os.open(target, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY), "rb") as file:
+            info = os.fstat(file.fileno())  # it may have been replaced since
+            if not stat.S_ISREG(info.st_mode):
+                raise special_file_error(target, _file_kind(info.st_mode))
+            if info.st_size > limit:
+                raise too_large_error(target, info.st_size, limit)
+            return file.read(limit).decode("utf-8")
+
+    def write_file(self, path: str, content: str, timeout: float = FILE_TIMEOUT) -> None:
         target = Path(self.resolve(path))
+        if target.exists() and not target.is_file():
+            mode = target.stat().st_mode
+            if stat.S_ISDIR(mode):
+                raise IsADirectoryError(f"is a directory: {target}")
+            raise special_file_error(str(target), _file_kind(mode))
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(content.encode("utf-8"))
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NONBLOCK | os.O_NOCTTY
+        with open(os.open(target, flags, 0o666), "wb") as file:
+            file.write(content.encode("utf-8"))
 
-    def exists(self, path: str) -> bool:
+    def exists(self, path: str, timeout: float = FILE_TIMEOUT) -> bool:
         return os.path.lexists(self.resolve(path))
 
-    def is_dir(self, path: str) -> bool:
+    def is_dir(self, path: str, timeout: float = FILE_TIMEOUT) -> bool:
         return os.path.isdir(self.resolve(path))
 
-    def list_dir(self, path: str, depth: int = 2) -> list[str]:
+    def list_dir(
+        self, path: str, depth: int = 2, limit: int = MAX_LIST_ENTRIES, timeout: float = FILE_TIMEOUT
+    ) -> list[str]:
         top = self.resolve(path)
         if not os.path.isdir(top):
             raise NotADirectoryError(f"not a directory: {top}")
         entries: list[str] = []
-        _walk(top, "", depth, entries)
+        _walk(top, "", depth, entries, limit)
         return sorted(entries)
 
     def apply_patch(self, patch: str) -> CommandResult:
@@ -464,7 +594,7 @@ class LocalSandbox(Sandbox):
         index = os.path.join(self.workdir, ".git", "index")
         scratch = os.path.join(self._root, "diff-index")
         if os.path.exists(index):
-            shutil.copyfile(index, scratch)
+            shutil.copy2(index, scratch)  # with its mtime: see `_diff_script` ("racy git")
         elif os.path.exists(scratch):
             os.remove(scratch)
         command = (
@@ -489,7 +619,7 @@ class LocalSandbox(Sandbox):
         for group in self._groups:
             _kill_group(group)
         self._groups.clear()
-        shutil.rmtree(self._root, ignore_errors=True)
+        _remove_tree(self._root)
 
 
 MAX_TEMPLATES = 8
@@ -555,7 +685,8 @@ def _remember_template(key: tuple, checkout: str, base_commit: str, env: dict[st
         _TEMPLATES_BUILDING.add(key)
         folder = _TEMPLATES_ROOTS.get(root)
         if folder is None:
-            folder = _TEMPLATES_ROOTS[root] = tempfile.mkdtemp(prefix="entropo-sandbox-templates-", dir=root)
+            folder = tempfile.mkdtemp(prefix=_owned_prefix(SANDBOX_PREFIX + "templates-"), dir=root)
+            _TEMPLATES_ROOTS[root] = folder
             atexit.register(shutil.rmtree, folder, True)
         target = os.path.join(folder, uuid.uuid4().hex)
     # Copies have new inodes: let git trust size and mtime only, so it does not re-hash every file after a copy.
@@ -598,17 +729,113 @@ def _detach_linked_git(copy: Path, base_commit: str | None) -> None:
         link.unlink()
 
 
-def _walk(directory: str, prefix: str, depth: int, entries: list[str]) -> None:
+def _walk(directory: str, prefix: str, depth: int, entries: list[str], limit: int) -> None:
     if depth <= 0:
         return
     with os.scandir(directory) as scan:
         children = [entry for entry in scan if not entry.name.startswith(".")]
     for entry in children:
+        if len(entries) >= limit:
+            return
         if entry.is_dir(follow_symlinks=False):
             entries.append(f"{prefix}{entry.name}/")
-            _walk(entry.path, f"{prefix}{entry.name}/", depth - 1, entries)
+            _walk(entry.path, f"{prefix}{entry.name}/", depth - 1, entries, limit)
         else:
             entries.append(f"{prefix}{entry.name}")
+
+
+# ------------------------------------------------------------------------------------------- shell file operations
+
+
+# Exit codes of the file snippets below.
+_IS_DIR, _MISSING, _SPECIAL, _TOO_LARGE, _NOT_DIR = 21, 22, 23, 24, 20
+
+
+class ShellSandbox(Sandbox):
+    """A sandbox whose file operations are shell snippets run inside it, like its commands, each with a time limit.
+    Subclasses provide [`_exec`]; `run`, `diff` and `apply_patch` go through it too."""
+
+    @abstractmethod
+    def _exec(
+        self, command: str, timeout: float, max_output: int = DEFAULT_MAX_OUTPUT, input: bytes | None = None
+    ) -> CommandResult:
+        """Run `bash -c command` in `workdir` inside the sandbox, with `input` on stdin."""
+
+    def run(
+        self, command: str, timeout: float = DEFAULT_TIMEOUT, max_output: int = DEFAULT_MAX_OUTPUT
+    ) -> CommandResult:
+        return self._exec(command, timeout, max_output)
+
+    def _file_op(self, what: str, target: str, command: str, timeout: float, **kwargs) -> CommandResult:
+        result = self._exec(command, timeout, **kwargs)
+        if result.timed_out:
+            raise TimeoutError(f"{what} {target} took more than {timeout:g} seconds")
+        if result.exit_code == _IS_DIR:
+            raise IsADirectoryError(f"is a directory: {target}")
+        if result.exit_code == _MISSING:
+            raise FileNotFoundError(f"no such file: {target}")
+        if result.exit_code == _SPECIAL:
+            raise special_file_error(target, result.stdout.strip() or "special file")
+        return result
+
+    def read_file(self, path: str, timeout: float = FILE_TIMEOUT, limit: int = MAX_READ_BYTES) -> str:
+        target = self.resolve(path)
+        quoted = shlex.quote(target)
+        # base64 keeps the bytes exact, so a file that is not UTF-8 fails to decode here as it does locally. The file
+        # is checked to be regular before it is read (a FIFO or /dev/zero is refused); one swapped in meanwhile hits
+        # the time limit.
+        command = (
+            f'set -o pipefail; p={quoted}; if [ -d "$p" ]; then exit {_IS_DIR}; elif [ ! -e "$p" ]; then '
+            f'exit {_MISSING}; elif [ ! -f "$p" ]; then stat -L -c %F -- "$p"; exit {_SPECIAL}; fi; '
+            f'n=$(stat -L -c %s -- "$p") || exit {_MISSING}; if [ "$n" -gt {int(limit)} ]; then echo "$n"; '
+            f'exit {_TOO_LARGE}; fi; head -c {int(limit)} -- "$p" | base64 -w0'
+        )
+        result = self._file_op("reading", target, command, timeout, max_output=2 * limit + 1024)
+        if result.exit_code == _TOO_LARGE:
+            raise too_large_error(target, int(result.stdout.strip()), limit)
+        if not result.ok:
+            raise OSError(f"cannot read {target}: {result.stderr.strip()}")
+        return base64.b64decode(result.stdout).decode("utf-8")
+
+    def write_file(self, path: str, content: str, timeout: float = FILE_TIMEOUT) -> None:
+        target = self.resolve(path)
+        command = (
+            f'p={shlex.quote(target)}; if [ -d "$p" ]; then exit {_IS_DIR}; elif [ -e "$p" ] && [ ! -f "$p" ]; '
+            f'then stat -L -c %F -- "$p"; exit {_SPECIAL}; fi; mkdir -p -- "$(dirname -- "$p")" && '
+            'base64 -d > "$p"'
+        )
+        data = base64.b64encode(content.encode("utf-8"))
+        result = self._file_op("writing", target, command, timeout, input=data)
+        if not result.ok:
+            raise OSError(f"cannot write {target}: {result.stderr.strip()}")
+
+    def exists(self, path: str, timeout: float = FILE_TIMEOUT) -> bool:
+        target = self.resolve(path)
+        quoted = shlex.quote(target)
+        return self._file_op("checking", target, f"test -e {quoted} || test -L {quoted}", timeout).ok
+
+    def is_dir(self, path: str, timeout: float = FILE_TIMEOUT) -> bool:
+        target = self.resolve(path)
+        return self._file_op("checking", target, f"test -d {shlex.quote(target)}", timeout).ok
+
+    def list_dir(
+        self, path: str, depth: int = 2, limit: int = MAX_LIST_ENTRIES, timeout: float = FILE_TIMEOUT
+    ) -> list[str]:
+        target = self.resolve(path)
+        quoted = shlex.quote(target)
+        command = (
+            f"test -d {quoted} || exit {_NOT_DIR}; find {quoted} -mindepth 1 -maxdepth {int(depth)} -name '.*' "
+            f"-prune -o -type d -printf '%P/\\n' -o -printf '%P\\n' | head -n {int(limit)}"
+        )
+        result = self._file_op("listing", target, command, timeout, max_output=MAX_DIFF_CHARS)
+        if result.exit_code == _NOT_DIR:
+            raise NotADirectoryError(f"not a directory: {target}")
+        if not result.ok:
+            raise SandboxError(f"listing {target} failed: {result.stderr.strip()}")
+        return sorted(line for line in result.stdout.splitlines() if line)
+
+    def apply_patch(self, patch: str) -> CommandResult:
+        return self._exec("git apply --whitespace=nowarn -", 300, input=patch.encode("utf-8"))
 
 
 # ------------------------------------------------------------------------------------------------------ docker
@@ -624,14 +851,15 @@ def default_docker_setup(image: str | None) -> str | None:
     return SWEBENCH_SETUP if image and "sweb.eval." in image else None
 
 
-class DockerSandbox(Sandbox):
+class DockerSandbox(ShellSandbox):
     """One container per episode, started from `image` with the repository at `workdir`.
 
     The container sleeps forever and every command is a `docker exec`; inside, `timeout -s KILL` kills the command's
     whole process group at the time limit. [`start`] (or entering the context) starts the container and records
     `HEAD` as the base commit (a workdir that is not a git repository is made one); [`close`] removes it.
 
-    `run_args` go to `docker run` unchanged (e.g. `["--network", "none", "--memory", "8g"]`). `setup` runs before
+    `run_args` go to `docker run` unchanged (default `["--network", "none"]`: no network; e.g. add `"--memory", "8g"`,
+    `"--pids-limit", "4096"`). `setup` runs before
     every command in the same shell, e.g. [`SWEBENCH_SETUP`] for SWE-bench images, whose
     environment is activated only by `~/.bashrc`, which `bash -c` does not read ([`default_docker_setup`]).
     Containers carry the label `entropo.sandbox` and stop by themselves after `lifetime` seconds, so a runner killed
@@ -647,7 +875,7 @@ class DockerSandbox(Sandbox):
         image: str,
         workdir: str = "/testbed",
         docker: str = "docker",
-        run_args: Sequence[str] = (),
+        run_args: Sequence[str] = ("--network", "none"),
         name: str | None = None,
         setup: str | None = None,
         lifetime: float = 86_400.0,
@@ -752,49 +980,195 @@ class DockerSandbox(Sandbox):
             raise SandboxError(f"container {self.name} is gone: {result.stderr.strip()}")
         return result
 
-    def run(
-        self, command: str, timeout: float = DEFAULT_TIMEOUT, max_output: int = DEFAULT_MAX_OUTPUT
-    ) -> CommandResult:
-        return self._exec(command, timeout, max_output)
 
-    def read_file(self, path: str) -> str:
-        target = self.resolve(path)
-        quoted = shlex.quote(target)
-        # base64 keeps the bytes exact, so a file that is not UTF-8 fails to decode here as it does locally.
-        command = f"if [ -d {quoted} ]; then exit 21; fi; base64 -w0 -- {quoted}"
-        result = self._exec(command, 60, MAX_DIFF_CHARS)
-        if result.exit_code == 21:
-            raise IsADirectoryError(f"is a directory: {target}")
-        if not result.ok:
-            raise FileNotFoundError(f"cannot read {target}: {result.stderr.strip()}")
-        return base64.b64decode(result.stdout).decode("utf-8")
+# ------------------------------------------------------------------------------------------------- local (bwrap)
 
-    def write_file(self, path: str, content: str) -> None:
-        target = shlex.quote(self.resolve(path))
-        command = f'mkdir -p "$(dirname -- {target})" && base64 -d > {target}'
-        result = self._exec(command, 60, input=base64.b64encode(content.encode("utf-8")))
-        if not result.ok:
-            raise OSError(f"cannot write {self.resolve(path)}: {result.stderr.strip()}")
 
-    def exists(self, path: str) -> bool:
-        target = shlex.quote(self.resolve(path))
-        return self._exec(f"test -e {target} || test -L {target}", 60).ok
+SANDBOX_WORKDIR = "/testbed"
+"""Where the isolated local sandbox mounts the task's checkout: the path SWE-bench and R2E-Gym images use."""
 
-    def is_dir(self, path: str) -> bool:
-        return self._exec(f"test -d {shlex.quote(self.resolve(path))}", 60).ok
+BWRAP_MISSING = (
+    "the local sandbox needs bubblewrap (`bwrap`), which is not installed. Install it with `apt-get install "
+    "bubblewrap` (Debian/Ubuntu; `dnf install bubblewrap` on Fedora), or choose `--sandbox docker`; `--sandbox host` "
+    "runs commands on this machine without isolation (trusted tasks only)"
+)
 
-    def list_dir(self, path: str, depth: int = 2) -> list[str]:
-        target = shlex.quote(self.resolve(path))
-        command = (
-            f"test -d {target} || exit 20; find {target} -mindepth 1 -maxdepth {int(depth)} -name '.*' -prune "
-            "-o -type d -printf '%P/\\n' -o -printf '%P\\n'"
+# Top-level folders of the host the sandbox sees, read-only: the system's programs and libraries. Everything else
+# (home folders, /root, /run and its sockets, /tmp, /var, /mnt, project folders) is absent.
+_HOST_DIRS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc", "nix")
+# Files and folders under those that hold the host's secrets, hidden.
+_MASKED_FILES = ("/etc/shadow", "/etc/shadow-", "/etc/gshadow", "/etc/gshadow-")
+_MASKED_DIRS = ("/etc/ssh",)
+SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+@dataclass(frozen=True)
+class SandboxLimits:
+    """Resource limits of each command in the isolated local sandbox (`ulimit`, per process; bytes). The process
+    limit counts the processes of one call; the kernel does not enforce it for root (uid 0), so run the runner as a
+    normal user (or use Docker's `--pids-limit`) to bound a fork bomb to it."""
+
+    file_size: int = 1024**3  # the largest file a command may write
+    memory: int = 8 * 1024**3  # address space of each process
+    processes: int = 1024
+
+
+@functools.cache
+def require_bwrap() -> str:
+    """The path of a working `bwrap`; `SandboxError` naming the install command when it is missing, or the cause when
+    it cannot make namespaces here (checked once per process)."""
+    path = shutil.which("bwrap")
+    if path is None:
+        raise SandboxError(BWRAP_MISSING)
+    try:
+        result, _ = run_process(
+            [path, "--ro-bind", "/", "/", "--unshare-all", "--die-with-parent", "true"], timeout=30
         )
-        result = self._exec(command, 60, MAX_DIFF_CHARS)
-        if result.exit_code == 20:
-            raise NotADirectoryError(f"not a directory: {self.resolve(path)}")
-        if not result.ok:
-            raise SandboxError(f"listing {self.resolve(path)} failed: {result.stderr.strip()}")
-        return sorted(line for line in result.stdout.splitlines() if line)
+    except OSError as error:
+        raise SandboxError(f"bubblewrap ({path}) cannot run: {error}") from error
+    if not result.ok:
+        raise SandboxError(
+            f"bubblewrap ({path}) cannot make a sandbox on this machine: {result.stderr.strip()}. It needs user "
+            "namespaces (e.g. `sysctl kernel.unprivileged_userns_clone=1`, or an AppArmor profile allowing them "
+            "for bwrap); otherwise choose `--sandbox docker`"
+        )
+    return path
 
-    def apply_patch(self, patch: str) -> CommandResult:
-        return self._exec("git apply --whitespace=nowarn -", 300, input=patch.encode("utf-8"))
+
+def _python_dirs() -> list[str]:
+    """The folders of the running Python (virtual environment and base installation) that the sandbox must see, so
+    that `python` and `pytest` there are the ones running the library."""
+    dirs = {
+        os.path.realpath(folder)
+        for folder in (sys.prefix, sys.base_prefix, os.path.dirname(os.path.dirname(os.path.realpath(sys.executable))))
+    }
+    visible = [f"/{name}" for name in _HOST_DIRS]
+    dirs = {d for d in dirs if not any(d == v or d.startswith(v + "/") for v in visible)}
+    return sorted(d for d in dirs if not any(d.startswith(other + "/") for other in dirs))
+
+
+def _bwrap_args(checkout: str, private_tmp: str, env: dict[str, str]) -> list[str]:
+    """bwrap's options for one sandbox: the mounts, the namespaces and the environment."""
+    args: list[str] = []
+    for name in _HOST_DIRS:
+        path = f"/{name}"
+        if os.path.islink(path):
+            args += ["--symlink", os.readlink(path), path]
+        elif os.path.isdir(path):
+            args += ["--ro-bind", path, path]
+    args += [arg for path in _MASKED_FILES if os.path.exists(path) for arg in ("--ro-bind", "/dev/null", path)]
+    args += [arg for path in _MASKED_DIRS if os.path.isdir(path) for arg in ("--tmpfs", path)]
+    for path in _python_dirs():
+        args += ["--ro-bind", path, path]
+    args += ["--dev", "/dev", "--proc", "/proc", "--bind", private_tmp, "/tmp", "--bind", checkout, SANDBOX_WORKDIR]
+    args += ["--remount-ro", "/", "--unshare-all", "--die-with-parent", "--new-session", "--clearenv"]
+    if os.geteuid() == 0:  # an unprivileged bwrap keeps no capabilities anyway
+        args += ["--cap-drop", "ALL"]
+    for key, value in env.items():
+        args += ["--setenv", key, value]
+    return [*args, "--chdir", SANDBOX_WORKDIR]
+
+
+def _limits_script(limits: SandboxLimits) -> str:
+    """Sets the limits (never above the runner's own hard limits), then runs the command ($1) in a fresh bash."""
+    values = []
+    for flag, resource_name, value, unit in (
+        ("-f", "RLIMIT_FSIZE", limits.file_size, 1024),
+        ("-v", "RLIMIT_AS", limits.memory, 1024),
+        ("-u", "RLIMIT_NPROC", limits.processes, 1),
+    ):
+        hard = resource.getrlimit(getattr(resource, resource_name))[1]
+        if hard != resource.RLIM_INFINITY:
+            value = min(value, hard)
+        values.append(f"{flag} {max(1, value // unit)}")
+    return f'ulimit -c 0 {" ".join(values)} && exec bash -c "$1"'
+
+
+class BwrapSandbox(ShellSandbox):
+    """The isolated local sandbox: a private copy of `repo` (as [`LocalSandbox`] makes it) mounted read-write at
+    `/testbed`, and every command and file operation run in a fresh bubblewrap namespace.
+
+    Inside: the host's system folders read-only (`/usr`, `/etc` without its secrets, ...) and the running Python's
+    folders, nothing else of the host; a private `/tmp` (kept for the episode, deleted at [`close`]); no network; an
+    environment of `PATH`, `HOME=/tmp`, `LANG`, [`COMMAND_ENV`] and `env` only; new PID, IPC, UTS and session
+    namespaces, so every process of a call ends with it (background and `setsid` ones included); the limits of
+    `limits` (file size, memory, processes); no capabilities. `checkout` is the copy's path on the host.
+    """
+
+    def __init__(
+        self,
+        repo: str | Path,
+        base_commit: str | None = None,
+        root: str | Path | None = None,
+        env: dict[str, str] | None = None,
+        limits: SandboxLimits | None = None,
+    ):
+        self._owner_pid = os.getpid()
+        self._closed = True
+        bwrap = require_bwrap()
+        self._copy = LocalSandbox(repo, base_commit, root=root)  # made on the host, before the model runs anything
+        self._closed = False
+        self.workdir = SANDBOX_WORKDIR
+        self.base_commit = self._copy.base_commit
+        self.checkout = self._copy.workdir
+        self.limits = limits or SandboxLimits()
+        private_tmp = os.path.join(self._copy.scratch_dir, "tmp")
+        os.mkdir(private_tmp)
+        here = os.path.dirname(sys.executable)
+        environment = {"PATH": f"{here}:{SYSTEM_PATH}", "HOME": "/tmp", "LANG": os.environ.get("LANG") or "C.UTF-8"}
+        environment.update(COMMAND_ENV)
+        environment.update(env or {})
+        self._argv = [bwrap, *_bwrap_args(self.checkout, private_tmp, environment)]
+        self._argv += ["bash", "-c", _limits_script(self.limits), "bash"]
+
+    def _exec(
+        self, command: str, timeout: float, max_output: int = DEFAULT_MAX_OUTPUT, input: bytes | None = None
+    ) -> CommandResult:
+        if self._closed:
+            raise SandboxError("the sandbox is closed")
+        result, pgid = run_process(
+            [*self._argv, command], timeout=timeout, max_output=max_output, env={"PATH": SYSTEM_PATH}, input=input
+        )
+        _kill_group(pgid)  # the namespace died with its first process; this is bwrap's own process group
+        return result
+
+    def close(self) -> None:
+        if getattr(self, "_closed", True):
+            return
+        self._closed = True
+        self._copy.close()
+
+
+@functools.cache
+def _warn_unisolated() -> None:
+    logger.warning(
+        "sandbox 'host': the model's commands run on this machine without isolation (they see its files, network, "
+        "processes and the runner's environment); use it for trusted tasks only"
+    )
+
+
+SANDBOX_BACKENDS = ("local", "host", "docker")
+
+
+def make_sandbox(backend: str, task: Task, root: str | None = None) -> Sandbox:
+    """A fresh sandbox for one episode of `task`: "local" an isolated [`BwrapSandbox`] of `task.repo_path` under
+    `root`, "host" an unisolated [`LocalSandbox`] (with a warning), "docker" a started [`DockerSandbox`] of
+    `task.image` (no network). The task's own environment variables are `task.metadata["env"]` (local only)."""
+    if backend == "docker":
+        if not task.image:
+            raise ValueError(f"task {task.instance_id} has no Docker image")
+        sandbox = DockerSandbox(
+            task.image, setup=task.metadata.get("docker_setup") or default_docker_setup(task.image)
+        )
+        return sandbox.start()
+    if backend not in SANDBOX_BACKENDS:
+        raise ValueError(f"unknown sandbox backend {backend!r}; choose one of {', '.join(SANDBOX_BACKENDS)}")
+    if not task.repo_path:
+        raise ValueError(f"task {task.instance_id} has no local repository (repo_path); use the docker sandbox")
+    if backend == "host":
+        _warn_unisolated()
+        return LocalSandbox(task.repo_path, task.base_commit, root=root)
+    env = task.metadata.get("env") or {}
+    if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+        raise ValueError(f"task {task.instance_id}: metadata 'env' must map variable names to strings")
+    return BwrapSandbox(task.repo_path, task.base_commit, root=root, env=env)

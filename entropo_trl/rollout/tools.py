@@ -4,6 +4,11 @@
 input: missing or malformed parameters, missing files and failed edits become an observation starting with
 `ERROR:`. Only failures of the sandbox itself ([`SandboxError`]) propagate. Every observation is clipped to
 [`MAX_OBSERVATION_CHARS`] with a `<response clipped>` marker.
+
+Every tool works through the sandbox, so its paths are the sandbox's (in the isolated sandbox, `/tmp/x` is its
+private /tmp and `/etc/passwd` is read-only), and every sandbox operation of a tool call gets the tool time limit.
+FIFOs, devices and sockets are refused with an observation saying so; reads (`sandbox.MAX_READ_BYTES`) and directory
+listings ([`MAX_LISTED_ENTRIES`]) are bounded.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ CONCISE_MIN_LINES = 500
 # Lines of context shown around an edit.
 SNIPPET_LINES = 4
 MAX_SEARCH_FILES = 100
+# Entries a directory `view` lists.
+MAX_LISTED_ENTRIES = 1000
 FINISHED = "<<< Finished >>>"
 EDITOR_COMMANDS = ("view", "create", "str_replace", "insert", "undo_edit")
 
@@ -144,30 +151,33 @@ def _file_editor(parameters: dict[str, str], sandbox: Sandbox, state: ToolState,
         raise ToolError("Parameter `path` must not be empty.")
     path = sandbox.resolve(path)
     if command == "create":
-        return _create(sandbox, path, _required(parameters, "file_text", "file_editor create"))
-    if not sandbox.exists(path):
+        return _create(sandbox, path, _required(parameters, "file_text", "file_editor create"), timeout)
+    if not sandbox.exists(path, timeout=timeout):
         raise ToolError(f"The path {path} does not exist. Please provide a valid path.")
     if command == "view":
-        return _view(sandbox, path, parameters.get("view_range"), _parse_bool(parameters.get("concise"), "concise"))
-    if sandbox.is_dir(path):
+        view_range, concise = parameters.get("view_range"), _parse_bool(parameters.get("concise"), "concise")
+        return _view(sandbox, path, view_range, concise, timeout)
+    if sandbox.is_dir(path, timeout=timeout):
         raise ToolError(f"The path {path} is a directory; only the `view` command can be used on directories.")
     if command == "str_replace":
         old_str = _required(parameters, "old_str", "file_editor str_replace")
-        return _str_replace(sandbox, state, path, old_str, parameters.get("new_str", ""))
+        return _str_replace(sandbox, state, path, old_str, parameters.get("new_str", ""), timeout)
     if command == "insert":
         line = _parse_int(_required(parameters, "insert_line", "file_editor insert"), "insert_line")
-        return _insert(sandbox, state, path, line, _required(parameters, "new_str", "file_editor insert"))
-    return _undo(sandbox, state, path)
+        return _insert(sandbox, state, path, line, _required(parameters, "new_str", "file_editor insert"), timeout)
+    return _undo(sandbox, state, path, timeout)
 
 
-def _view(sandbox: Sandbox, path: str, view_range: str | None, concise: bool | None) -> str:
-    if sandbox.is_dir(path):
+def _view(sandbox: Sandbox, path: str, view_range: str | None, concise: bool | None, timeout: float) -> str:
+    if sandbox.is_dir(path, timeout=timeout):
         if view_range:
             raise ToolError("`view_range` cannot be used when `path` is a directory.")
-        entries = sandbox.list_dir(path, depth=2)
-        listing = "\n".join([path, *(posixpath.join(path, entry) for entry in entries)])
-        return f"Here's the files and directories up to 2 levels deep in {path}, excluding hidden:\n{listing}\n"
-    content = sandbox.read_file(path)
+        entries = sandbox.list_dir(path, depth=2, limit=MAX_LISTED_ENTRIES + 1, timeout=timeout)
+        more = len(entries) > MAX_LISTED_ENTRIES
+        listing = "\n".join([path, *(posixpath.join(path, entry) for entry in entries[:MAX_LISTED_ENTRIES])])
+        note = f"\n[more than {MAX_LISTED_ENTRIES} entries: listing cut; view a subdirectory]" if more else ""
+        return f"Here's the files and directories up to 2 levels deep in {path}, excluding hidden:\n{listing}{note}\n"
+    content = sandbox.read_file(path, timeout=timeout)
     lines = _lines(content)
     if view_range is not None and view_range.strip():
         start, end = _parse_view_range(view_range, len(lines))
@@ -232,11 +242,11 @@ def _skeleton(content: str, lines: list[str]) -> str | None:
     return "\n".join(out)
 
 
-def _create(sandbox: Sandbox, path: str, file_text: str) -> str:
-    if sandbox.exists(path):
-        kind = "directory" if sandbox.is_dir(path) else "file"
+def _create(sandbox: Sandbox, path: str, file_text: str, timeout: float) -> str:
+    if sandbox.exists(path, timeout=timeout):
+        kind = "directory" if sandbox.is_dir(path, timeout=timeout) else "file"
         raise ToolError(f"A {kind} already exists at {path}. Cannot overwrite it with `create`; edit it instead.")
-    sandbox.write_file(path, file_text)
+    sandbox.write_file(path, file_text, timeout=timeout)
     return f"File created successfully at {path}."
 
 
@@ -256,10 +266,10 @@ def _edited(path: str, content: str, first: int, last: int) -> str:
     )
 
 
-def _str_replace(sandbox: Sandbox, state: ToolState, path: str, old_str: str, new_str: str) -> str:
+def _str_replace(sandbox: Sandbox, state: ToolState, path: str, old_str: str, new_str: str, timeout: float) -> str:
     if not old_str:
         raise ToolError("`old_str` must not be empty; use `insert` or `create` to add text.")
-    content = sandbox.read_file(path)
+    content = sandbox.read_file(path, timeout=timeout)
     starts = [match.start() for match in re.finditer(re.escape(old_str), content)]
     if not starts:
         raise ToolError(f"No replacement was performed: old_str did not appear verbatim in {path}.\n{old_str}")
@@ -270,14 +280,14 @@ def _str_replace(sandbox: Sandbox, state: ToolState, path: str, old_str: str, ne
             "Include more surrounding lines in old_str to make it unique."
         )
     new_content = content[: starts[0]] + new_str + content[starts[0] + len(old_str) :]
-    sandbox.write_file(path, new_content)
+    sandbox.write_file(path, new_content, timeout=timeout)
     state.history.setdefault(path, []).append(content)
     first = content.count("\n", 0, starts[0]) + 1
     return _edited(path, new_content, first, first + new_str.count("\n"))
 
 
-def _insert(sandbox: Sandbox, state: ToolState, path: str, insert_line: int, new_str: str) -> str:
-    content = sandbox.read_file(path)
+def _insert(sandbox: Sandbox, state: ToolState, path: str, insert_line: int, new_str: str, timeout: float) -> str:
+    content = sandbox.read_file(path, timeout=timeout)
     lines = _lines_keepends(content)
     if not 0 <= insert_line <= len(lines):
         raise ToolError(f"Invalid insert_line {insert_line}: it must be within [0, {len(lines)}] for {path}.")
@@ -285,17 +295,17 @@ def _insert(sandbox: Sandbox, state: ToolState, path: str, insert_line: int, new
         lines[-1] += "\n"
     text = new_str if new_str.endswith("\n") else new_str + "\n"
     new_content = "".join(lines[:insert_line]) + text + "".join(lines[insert_line:])
-    sandbox.write_file(path, new_content)
+    sandbox.write_file(path, new_content, timeout=timeout)
     state.history.setdefault(path, []).append(content)
     return _edited(path, new_content, insert_line + 1, insert_line + max(1, len(_lines(text))))
 
 
-def _undo(sandbox: Sandbox, state: ToolState, path: str) -> str:
+def _undo(sandbox: Sandbox, state: ToolState, path: str, timeout: float) -> str:
     history = state.history.get(path)
     if not history:
         raise ToolError(f"No edit history found for {path}.")
     previous = history.pop()
-    sandbox.write_file(path, previous)
+    sandbox.write_file(path, previous, timeout=timeout)
     shown = _number(_lines(previous), 1)
     return f"Last edit to {path} undone successfully. Here's the result of running `cat -n` on {path}:\n{shown}\n"
 
@@ -331,9 +341,9 @@ def _search(parameters: dict[str, str], sandbox: Sandbox, state: ToolState, time
     if "\n" in term:
         raise ToolError("`search_term` must be a single line.")
     path = sandbox.resolve((parameters.get("path") or ".").strip() or ".")
-    if not sandbox.exists(path):
+    if not sandbox.exists(path, timeout=timeout):
         raise ToolError(f"The path {path} does not exist.")
-    if sandbox.is_dir(path):
+    if sandbox.is_dir(path, timeout=timeout):
         return _search_directory(sandbox, term, path, timeout)
     return _search_file(sandbox, term, path, timeout)
 
@@ -342,7 +352,7 @@ def _search_directory(sandbox: Sandbox, term: str, directory: str, timeout: floa
     # `find` rather than `grep -r --exclude-dir='.*'`, which would also skip a starting directory named `.`.
     command = (
         f"find {shlex.quote(directory)} -mindepth 1 -name '.*' -prune -o -type f -print0 | "
-        f"xargs -0 -r grep -IHcZ -F -e {shlex.quote(term)} --"
+        f"xargs -0 -r grep -D skip -IHcZ -F -e {shlex.quote(term)} --"
     )
     result = sandbox.run(command, timeout=timeout, max_output=50_000_000)
     if result.timed_out:
@@ -368,7 +378,14 @@ def _search_directory(sandbox: Sandbox, term: str, directory: str, timeout: floa
 
 
 def _search_file(sandbox: Sandbox, term: str, path: str, timeout: float) -> str:
-    result = sandbox.run(f"grep -n -F -e {shlex.quote(term)} -- {shlex.quote(path)}", timeout=timeout)
+    quoted = shlex.quote(path)
+    command = (
+        f"test -f {quoted} || {{ stat -L -c %F -- {quoted}; exit 3; }}; grep -n -F -e {shlex.quote(term)} -- {quoted}"
+    )
+    result = sandbox.run(command, timeout=timeout)
+    if result.exit_code == 3:
+        kind = result.stdout.strip() or "special file"
+        raise ToolError(f"{path} is a {kind}, not a regular file: search reads regular files only.")
     if result.exit_code == 1 and not result.stdout:
         return f'No matches found for "{term}" in {path}'
     if not result.ok:
