@@ -7,7 +7,8 @@
     entropo-data sharegpt-export --input pairs.jsonl --output llamafactory/pairs.json --name entropo_dpo
 
 The scripts in `data_prep/` call the same commands. Each prints a summary: rows, skips by reason, token-length
-percentiles (with `--tokenizer`; character lengths otherwise).
+percentiles (with `--tokenizer`; character lengths otherwise). An `--output` that is one of the `--input` files (by
+any path to it) is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -169,6 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
             )
             sub.add_argument("--source", help="override the trajectories' source (model / run name)")
             sub.add_argument(
+                "--default_reward",
+                type=float,
+                help="reward, in [0, 1], of SWE-smith lines that carry no reward / resolved (they are then "
+                "labelled); without it they are unlabelled and skipped, counted, except by sft, which reads them "
+                "as resolved (1.0: SWE-smith's released files hold resolved teacher runs)",
+            )
+            sub.add_argument(
                 "--keep_hints",
                 action="store_true",
                 help="keep a reference-patch hint (<gt_patch>...</gt_patch>, appended to the issue by the EntroPO "
@@ -211,9 +219,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths name one file: relative paths, `..` and symbolic links resolved (and hard links, when both
+    exist)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return Path(a).resolve() == Path(b).resolve()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.output is not None:
+        for path in args.input:
+            if _same_file(args.output, path):
+                parser.error(
+                    f"--output {args.output} is the --input file {path}: writing would replace what is being read; "
+                    "give another --output"
+                )
+    default_reward = getattr(args, "default_reward", None)
+    if default_reward is not None and not 0.0 <= default_reward <= 1.0:
+        parser.error(f"--default_reward must be in [0, 1], got {default_reward:g}")
     if args.command == "dpo":
         if args.policy == "authors" and (args.max_pairs_per_instance is not None or args.seed is not None):
             parser.error("--max_pairs_per_instance and --seed apply to --policy all only")
@@ -255,8 +282,16 @@ def main(argv: list[str] | None = None) -> int:
 
     tokenizer = _load_tokenizer(args.tokenizer)
     read = ReadStats()
+    if default_reward is None and args.command == "sft":
+        default_reward = 1.0  # SFT keeps teacher runs; SWE-smith / SWE-agent files hold resolved ones only
     trajectories = read_trajectories(
-        args.input, args.format, on_error=args.on_error, stats=read, source=args.source, keep_hints=args.keep_hints
+        args.input,
+        args.format,
+        on_error=args.on_error,
+        stats=read,
+        source=args.source,
+        default_reward=default_reward,
+        keep_hints=args.keep_hints,
     )
     finished_only = not args.include_unfinished
     if args.command == "sft":

@@ -255,10 +255,18 @@ def select_pool(pool: dict[str, list[Trajectory]], selector: HybridSelector) -> 
 
 
 def group_by_instance(trajectories) -> dict[str, list[Trajectory]]:
+    """`{instance_id: [trajectories]}`, in arrival order."""
     pool: dict[str, list[Trajectory]] = {}
     for t in trajectories:
         pool.setdefault(t.instance_id, []).append(t)
     return pool
+
+
+def labelled_instances(pool: dict[str, list[Trajectory]]) -> dict[str, list[Trajectory]]:
+    """The instances whose every trajectory carries a reward ([`Trajectory.labelled`]): the only ones a resolve rate
+    may count. An instance with an unlabelled trajectory (a SWE-smith line without a reward, a rollout without a test
+    oracle) is unlabelled: its placeholder rewards say nothing about whether it was resolved."""
+    return {instance: group for instance, group in pool.items() if all(t.labelled for t in group)}
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -117,6 +117,13 @@ class Trajectory:
         return self.reward >= 1.0
 
     @property
+    def labelled(self) -> bool:
+        """Whether `reward` is a verdict: false for records that carried none (`metadata["labelled"] = False`: a
+        SWE-smith line without `reward` / `resolved`, or a rollout without a test oracle), whose `reward` is only a
+        placeholder that no resolve rate may count."""
+        return self.metadata.get("labelled") is not False
+
+    @property
     def prompt(self) -> list[dict[str, Any]]:
         """The shared prompt: the messages up to and including the first user message (system prompt and issue)."""
         return self.messages[: _prompt_length(self.messages)]
@@ -226,11 +233,16 @@ def _count_or_none(value: Any, field_name: str) -> int | None:
 
 
 def _reward(value: Any, field_name: str = "reward") -> float:
+    """A record's reward: a finite number in [0, 1] (the oracle's fraction of required tests passed)."""
     if value is None:
         raise TrajectoryFormatError(
             "reward is missing or null (episode not evaluated?)", field=field_name, reason="missing reward"
         )
     reward = _float_or_none(value, field_name)
+    if not 0.0 <= reward <= 1.0:
+        raise TrajectoryFormatError(
+            f"reward must be in [0, 1], got {value!r}", field=field_name, reason="reward out of range"
+        )
     return reward
 
 
@@ -439,13 +451,20 @@ def from_r2egym(record: dict[str, Any], keep_logs: bool = False) -> Trajectory:
 
 
 def from_swesmith(
-    record: dict[str, Any], default_reward: float = 1.0, source: str = "swe-smith", defaults: Counter | None = None
+    record: dict[str, Any],
+    default_reward: float | None = None,
+    source: str = "swe-smith",
+    defaults: Counter | None = None,
 ) -> Trajectory:
     """A SWE-smith / SWE-agent fine-tuning record `{"instance_id", "messages"}`. What the line says is kept: its own
-    `reward` (or `resolved`), `source` and `episode_id`. Defaults fill only missing fields: these files hold resolved
-    trajectories, so the reward is `default_reward`, and the source is `source`; each default applied is counted in
-    `defaults` (by field), which [`read_trajectories`] reports in its summary."""
+    `reward` (or `resolved`), `source` and `episode_id`. Defaults fill only missing fields. A line without `reward`
+    or `resolved` is unlabelled (`metadata["labelled"] = False`, reward 0 as a placeholder): nothing says whether it
+    resolved its issue, and the dataset builders and reports leave it out of anything that needs a verdict. A
+    `default_reward` (e.g. 1.0 for SWE-smith's released files, which hold resolved runs only) labels such lines with
+    that reward instead. The source defaults to `source`. Each default applied is counted in `defaults` (by field),
+    which [`read_trajectories`] reports in its summary."""
     messages = validate_messages(record.get("messages"))
+    labelled = True
     if "reward" in record:
         reward = _reward(record["reward"])
     elif "resolved" in record:
@@ -454,14 +473,19 @@ def from_swesmith(
                 f"expected true/false, got {record['resolved']!r}", field="resolved", reason="invalid resolved"
             )
         reward = float(record["resolved"])
+    elif default_reward is None:
+        reward, labelled = 0.0, False
+        _count_default(defaults, "reward (none: unlabelled)")
     else:
-        reward = default_reward
+        reward = _reward(default_reward, "default_reward")
         _count_default(defaults, f"reward (set to {default_reward:g})")
     if record.get("source") is None:
         _count_default(defaults, f"source (set to {source!r})")
     finished = last_turn_finished(messages)
     kept = ("instance_id", "messages", "reward", "resolved", "patch", "source", "episode_id")
     extra = {k: v for k, v in record.items() if k not in kept}
+    if not labelled:
+        extra["labelled"] = False
     return Trajectory(
         instance_id=_instance_id(record.get("instance_id")),
         messages=messages,
@@ -567,7 +591,7 @@ def _parse_line(raw: bytes, fmt: str, **options: Any) -> tuple[Trajectory, str]:
         return from_r2egym(record, keep_logs=options.get("keep_logs", False)), detected
     return from_swesmith(
         record,
-        default_reward=options.get("default_reward", 1.0),
+        default_reward=options.get("default_reward"),
         source=options.get("source") or "swe-smith",
         defaults=options.get("defaults"),
     ), detected
@@ -580,7 +604,7 @@ def read_trajectories(
     on_error: str = "raise",
     stats: ReadStats | None = None,
     source: str | None = None,
-    default_reward: float = 1.0,
+    default_reward: float | None = None,
     keep_logs: bool = False,
     keep_hints: bool = False,
 ) -> Iterator[Trajectory]:
@@ -593,7 +617,9 @@ def read_trajectories(
             counts the line in `stats` by reason and goes on; a summary is logged at the end of each file.
         stats: filled as the generator runs (records read, skips by reason).
         source: overrides the records' `source` (e.g. the model name for SWE-smith files).
-        default_reward: reward of SWE-smith records that carry none (their released files hold resolved runs).
+        default_reward: reward of SWE-smith records that carry none (`reward` / `resolved`), in [0, 1]; `None`
+            (default): such records are unlabelled (`Trajectory.labelled` false, reward 0 as a placeholder), never
+            counted as resolved. SWE-smith's released files hold resolved runs only: `1.0` labels them so.
         keep_logs: keep R2E-Gym's raw test logs in `metadata` (large).
         keep_hints: keep a reference-patch hint (`<gt_patch>...</gt_patch>`, which the EntroPO authors' R2E-Gym fork
             can append to the issue) in the prompts. By default it is removed (it would teach the policy to expect the
@@ -604,6 +630,12 @@ def read_trajectories(
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    if default_reward is not None and (
+        isinstance(default_reward, bool)
+        or not isinstance(default_reward, (int, float))
+        or not 0.0 <= default_reward <= 1.0
+    ):
+        raise ValueError(f"default_reward must be a number in [0, 1] or None, got {default_reward!r}")
     stats = stats if stats is not None else ReadStats()
     for path in _paths(path_or_paths):
         if not path.exists():
@@ -718,7 +750,9 @@ def write_trajectories(
         fcntl.flock(fd, fcntl.LOCK_EX)
         _repair_tail(path)
         for record in records:
-            if not isinstance(record, Trajectory):
+            if isinstance(record, Trajectory):
+                _reward(record.reward)  # a reward outside [0, 1] would make the pool unreadable
+            else:
                 record = from_entropo(record)  # validates a plain dict before it reaches the pool
             data = record.to_dict()
             line = (json.dumps(data, ensure_ascii=False) + "\n").encode("utf-8")

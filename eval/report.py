@@ -9,6 +9,10 @@ Each `--pool LABEL:PATH` is one method (or one α). The report has:
 - the selector ablation (each stage removed in turn) on the first pool;
 - the diversity of each pool (distinct patches, action-sequence distance, n-gram diversity, token entropy);
 - the selector's choice per instance for the first pool.
+
+Resolve rates count labelled instances only: an instance with a trajectory that carries no reward (a SWE-smith file, a
+rollout without a test oracle) is reported as unlabelled, never as resolved, and a pool with no labelled instance has
+no resolve rate at all.
 """
 
 import os
@@ -23,7 +27,7 @@ import re  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from entropo_trl.metrics import best_of_n_curve, oracle_rank, pool_diversity  # noqa: E402
-from entropo_trl.selection import PRESETS, HybridSelector, group_by_instance  # noqa: E402
+from entropo_trl.selection import PRESETS, HybridSelector, group_by_instance, labelled_instances  # noqa: E402
 from entropo_trl.trajectory import read_trajectories  # noqa: E402
 
 
@@ -32,27 +36,17 @@ def _alpha(label: str) -> float | None:
     return float(match.group(1)) if match else None
 
 
-def build_report(
-    pools: dict[str, dict], output: str | Path, preset: str = "paper-verified", draws: int = 1000, seed: int = 0
-) -> Path:
-    """Write `report.md` and its figures under `output`; `pools` maps a label to `{instance_id: [Trajectory]}`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    selector = HybridSelector(preset)
+def _resolve_rate_sections(
+    pools: dict[str, dict], selector: HybridSelector, output: Path, draws: int, seed: int, plt
+) -> list[str]:
+    """Sections 1-3 (best-of-N, α sweep, selector ablation) and their figures; `pools` holds labelled instances
+    only."""
     max_n = min(min(len(g) for g in pool.values()) for pool in pools.values())
     ns = list(range(1, max_n + 1))
     curves = {label: best_of_n_curve(pool, selector.rank, ns, draws=draws, seed=seed) for label, pool in pools.items()}
     first_label, first_pool = next(iter(pools.items()))
     oracle = best_of_n_curve(first_pool, oracle_rank, ns, draws=draws, seed=seed)
-    lines = [
-        f"# Test-time scaling report\n\nSelector: `{preset}` ({' -> '.join(selector.config.stages)}; ties: "
-        f"{selector.config.tie_break}); best-of-N estimated from {draws} draws of N of each instance's rollouts.\n"
-    ]
+    lines = []
 
     # 1. resolve rate versus N
     figure, axis = plt.subplots(figsize=(6, 4))
@@ -130,6 +124,47 @@ def build_report(
         f"| {n} | {ablation[n].mean:.3f} | {ablation[n].ci_low:.3f} - {ablation[n].ci_high:.3f} |" for n in names
     ]
     lines.append("")
+    return lines
+
+
+def unlabelled_lines(pools: dict[str, dict]) -> list[str]:
+    """One line per pool with unlabelled instances: `"LABEL: unlabelled: N of M instances ..."`."""
+    lines = []
+    for label, pool in pools.items():
+        unlabelled = len(pool) - len(labelled_instances(pool))
+        if unlabelled:
+            lines.append(
+                f"{label}: unlabelled: {unlabelled} of {len(pool)} instances (no reward in the pool: left out of "
+                "every resolve rate, never counted as resolved)"
+            )
+    return lines
+
+
+def build_report(
+    pools: dict[str, dict], output: str | Path, preset: str = "paper-verified", draws: int = 1000, seed: int = 0
+) -> Path:
+    """Write `report.md` and its figures under `output`; `pools` maps a label to `{instance_id: [Trajectory]}`.
+    Resolve rates (best-of-N, α sweep, ablation) use each pool's labelled instances; pools without any are left out
+    of them, and said to be unlabelled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    selector = HybridSelector(preset)
+    lines = [
+        f"# Test-time scaling report\n\nSelector: `{preset}` ({' -> '.join(selector.config.stages)}; ties: "
+        f"{selector.config.tie_break}); best-of-N estimated from {draws} draws of N of each instance's rollouts.\n"
+    ]
+    if unlabelled := unlabelled_lines(pools):
+        lines += [f"- {line}" for line in unlabelled] + [""]
+    rated = {label: labelled for label, pool in pools.items() if (labelled := labelled_instances(pool))}
+    if rated:
+        lines += _resolve_rate_sections(rated, selector, output, draws, seed, plt)
+    else:
+        lines.append("\n## Resolve rates\n\nNone: no pool carries rewards (every instance is unlabelled).\n")
 
     # 4. diversity
     diversity = {label: pool_diversity(pool) for label, pool in pools.items()}
@@ -165,6 +200,8 @@ def build_report(
     lines.append("")
 
     # 5. choices per instance
+    first_label, first_pool = next(iter(pools.items()))
+    labelled = labelled_instances(first_pool)
     lines.append(f"## Selector's choice per instance ({first_label})\n")
     lines.append(
         "| instance | candidates | passing | chosen | chosen reward | stages that fell back |\n"
@@ -178,9 +215,12 @@ def build_report(
             for stage, _, fell_back in selection.trace
             if fell_back
         ]
+        passing, reward = (
+            (sum(t.passed for t in group), f"{chosen.reward:g}") if instance in labelled else ("?", "unlabelled")
+        )
         lines.append(
-            f"| {instance} | {len(group)} | {sum(t.passed for t in group)} | "
-            f"{chosen.episode_id or selection.index} | {chosen.reward:g} | {', '.join(fell) or '-'} |"
+            f"| {instance} | {len(group)} | {passing} | {chosen.episode_id or selection.index} | {reward} | "
+            f"{', '.join(fell) or '-'} |"
         )
     report = output / "report.md"
     report.write_text("\n".join(lines) + "\n")
@@ -205,6 +245,8 @@ def main(argv=None) -> int:
         if not pools[label]:
             raise SystemExit(f"--pool {spec}: the pool holds no trajectories")
     report = build_report(pools, args.output, args.preset, args.draws)
+    for line in unlabelled_lines(pools):
+        print(line)
     print(f"report: {report}")
     return 0
 

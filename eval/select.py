@@ -8,6 +8,8 @@ first) and write the choices as a pool of their own.
 
 Prints the resolve rate of the choices when the pool carries rewards, how often each stage fell back, and for how many
 instances the paper's regression-free rule had no fail counts to go by (it then keeps the most passing tests).
+Instances without rewards (a SWE-smith file, a rollout without a test oracle) are reported as unlabelled, never as
+resolved.
 """
 
 import os
@@ -30,6 +32,7 @@ from entropo_trl.selection import (  # noqa: E402
     HybridSelector,
     SelectorConfig,
     group_by_instance,
+    labelled_instances,
     score_with_endpoint,
 )
 from entropo_trl.trajectory import read_trajectories, write_trajectories  # noqa: E402
@@ -100,13 +103,22 @@ def main(argv=None) -> int:
     write_trajectories(partial, [s.trajectory for s in selections.values()])
     os.replace(partial, args.output)
     fallbacks = Counter(stage for s in selections.values() for stage, _, fell in s.trace if fell)
-    resolved = sum(s.trajectory.passed for s in selections.values())
+    labelled = labelled_instances(pool)
+    resolved = sum(selections[instance].trajectory.passed for instance in labelled)
     config = selector.config
     print(f"selector: {' -> '.join(config.stages)} (steps: {config.steps}, ties: {config.tie_break})")
-    print(
-        f"{len(selections)} instances, {len(trajectories)} trajectories; chosen resolve rate "
-        f"{resolved}/{len(selections)} = {resolved / max(1, len(selections)):.1%} (from the pool's rewards)"
-    )
+    print(f"{len(selections)} instances, {len(trajectories)} trajectories")
+    if labelled:
+        among = f" over the {len(labelled)} labelled instances" if len(labelled) < len(selections) else ""
+        print(
+            f"chosen resolve rate {resolved}/{len(labelled)} = {resolved / len(labelled):.1%} (from the pool's "
+            f"rewards{among})"
+        )
+    if len(labelled) < len(selections):
+        print(
+            f"unlabelled: {len(selections) - len(labelled)} of {len(selections)} instances (no reward in the pool: "
+            "no resolve rate, not counted as resolved)"
+        )
     print(f"stages that fell back: {dict(fallbacks) or 'none'}")
     noted = sum("regression" in s.notes for s in selections.values())
     if noted:

@@ -67,13 +67,14 @@ def traj(
 
 def test_swesmith_fixture_parses_as_finished_trajectories():
     path = _fixture("swesmith_trajectories.jsonl")
-    records = list(read_trajectories(path))
+    records = list(read_trajectories(path, default_reward=1.0))  # SWE-smith's released files hold resolved runs
     raw = [json.loads(line) for line in path.read_text().splitlines()]
     assert len(records) == len(raw) == 3
+    assert not any(r.labelled for r in read_trajectories(path))  # they carry no reward: unlabelled unless told
     for record, original in zip(records, raw):
         assert record.instance_id == original["instance_id"]
         assert record.messages == original["messages"]
-        assert record.finished and record.reward == 1.0 and record.exit_reason == "submitted"
+        assert record.finished and record.labelled and record.reward == 1.0 and record.exit_reason == "submitted"
         assert record.num_steps == sum(m["role"] == "assistant" for m in original["messages"])
         assert 22 <= record.num_steps <= 44
         assert record.prompt == original["messages"][:2]
@@ -308,6 +309,14 @@ MALFORMED = {
     ),
     "no user message": (_entropo(messages=[MESSAGES[0], MESSAGES[2]]), "messages", "no user turn"),
     "NaN reward": (_entropo(reward=math.nan), "reward", "invalid reward"),
+    "reward above one": (_entropo(reward=7.5), "reward", "reward out of range"),
+    "negative reward": (_entropo(reward=-1), "reward", "reward out of range"),
+    "R2E reward out of range": (json.dumps({**R2E, "reward": 7.5}), "reward", "reward out of range"),
+    "SWE-smith reward out of range": (
+        json.dumps({"instance_id": "x", "messages": MESSAGES, "reward": -1}),
+        "reward",
+        "reward out of range",
+    ),
     "string reward": (_entropo(reward="1"), "reward", "invalid reward"),
     "string num_steps": (_entropo(num_steps="three"), "num_steps", "invalid num_steps"),
     "string regression_pass_count": (
@@ -480,9 +489,36 @@ def test_swesmith_lines_keep_what_they_say_and_defaults_are_counted(tmp_path):
     first, second, third = read_trajectories(path, stats=stats)
     assert (first.source, first.reward, first.episode_id) == ("qwen3-coder", 0.0, "a/q/0")
     assert "source" not in first.metadata and "episode_id" not in first.metadata
-    assert (second.source, second.reward, second.episode_id) == ("swe-smith", 1.0, None)
-    assert (third.source, third.reward) == ("swe-smith", 0.0)
-    assert stats.defaults == {"reward (set to 1)": 1, "source (set to 'swe-smith')": 2}
-    assert "defaults for missing fields: source (set to 'swe-smith') in 2 records, reward (set to 1) in 1" in (
+    assert (second.source, second.reward, second.episode_id) == ("swe-smith", 0.0, None)
+    assert not second.labelled and second.metadata == {"labelled": False}  # no reward: unlabelled, not resolved
+    assert (third.source, third.reward, third.labelled) == ("swe-smith", 0.0, True)
+    assert first.labelled
+    assert stats.defaults == {"reward (none: unlabelled)": 1, "source (set to 'swe-smith')": 2}
+    assert "defaults for missing fields: source (set to 'swe-smith') in 2 records, reward (none: unlabelled) in 1" in (
         stats.summary()
     )
+    stats = ReadStats()
+    _, second, _ = read_trajectories(path, stats=stats, default_reward=1.0)  # an explicit default labels them
+    assert (second.reward, second.labelled, second.metadata) == (1.0, True, {})
+    assert stats.defaults["reward (set to 1)"] == 1
+    for bad in (7.5, -1, True, "1"):
+        with pytest.raises(ValueError, match="default_reward must be a number in"):
+            list(read_trajectories(path, default_reward=bad))
+
+
+def test_unlabelled_records_round_trip_unlabelled(tmp_path):
+    swesmith = tmp_path / "swesmith.jsonl"
+    swesmith.write_text(json.dumps({"instance_id": "x", "messages": MESSAGES}) + "\n")
+    write_trajectories(tmp_path / "pool.jsonl", read_trajectories(swesmith))
+    [again] = read_trajectories(tmp_path / "pool.jsonl")
+    assert not again.labelled and not again.passed
+
+
+def test_writing_a_reward_outside_zero_one_is_refused(tmp_path):
+    pool = tmp_path / "pool.jsonl"
+    for reward in (7.5, -1.0):
+        with pytest.raises(TrajectoryFormatError, match="field 'reward': reward must be in"):
+            write_trajectories(pool, [traj(reward=reward)])
+        with pytest.raises(TrajectoryFormatError, match="field 'reward'"):
+            write_trajectories(pool, [traj(reward=reward).to_dict()])
+    assert pool.read_text() == ""

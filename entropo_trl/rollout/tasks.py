@@ -59,12 +59,21 @@ def swebench_image(instance_id: str) -> str:
     return f"swebench/sweb.eval.x86_64.{instance_id.replace('__', '_1776_').lower()}:latest"
 
 
+_OPTIONAL_STRINGS = ("repo", "base_commit", "image", "docker_image", "repo_path", "test_command")
+
+
 def task_from_swebench(instance: dict[str, Any], where: str = "instance") -> Task:
     """A task from a SWE-bench-format instance (`instance_id`, `repo`, `base_commit`, `problem_statement`,
-    `FAIL_TO_PASS`, `PASS_TO_PASS`; optional `image` / `docker_image`, `repo_path`, `test_command`)."""
+    `FAIL_TO_PASS`, `PASS_TO_PASS`; optional `image` / `docker_image`, `repo_path`, `test_command`). Errors name
+    `where` and the field."""
+    if not isinstance(instance, dict):
+        raise ValueError(f"{where}: expected a JSON object (one task instance), got {type(instance).__name__}")
     for key in ("instance_id", "problem_statement"):
         if not isinstance(instance.get(key), str) or not instance[key]:
             raise ValueError(f"{where}: missing or empty '{key}'")
+    for key in _OPTIONAL_STRINGS:
+        if instance.get(key) is not None and not isinstance(instance[key], str):
+            raise ValueError(f"{where}: '{key}' must be a string, got {instance[key]!r:.80}")
     instance_id = instance["instance_id"]
     known = {
         "instance_id",
@@ -94,12 +103,32 @@ def task_from_swebench(instance: dict[str, Any], where: str = "instance") -> Tas
     )
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+
+
+def _anchor_repo_path(instance: Any, base: Path) -> None:
+    """Make a relative `repo_path` relative to `base` (the folder of the file that names it), not to the cwd."""
+    if isinstance(instance, dict) and isinstance(instance.get("repo_path"), str) and instance["repo_path"]:
+        instance["repo_path"] = str(base / instance["repo_path"])  # an absolute repo_path stays as it is
+
+
 def load_swebench_tasks(path: str | os.PathLike) -> list[Task]:
-    """Tasks from a SWE-bench-format JSON list or JSONL file (errors name the file and line)."""
-    path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    """Tasks from a SWE-bench-format JSON list or JSONL file (errors name the file, the line and the field). A
+    relative `repo_path` is taken relative to the file's folder."""
+    path = Path(path).resolve()
+    text = _read_text(path)
     if text.lstrip().startswith("["):
-        return [task_from_swebench(item, f"{path}[{i}]") for i, item in enumerate(json.loads(text))]
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}, line {exc.lineno}: invalid JSON ({exc.msg})") from None
+        for item in items:
+            _anchor_repo_path(item, path.parent)
+        return [task_from_swebench(item, f"{path}[{i}]") for i, item in enumerate(items)]
     tasks = []
     for number, line in enumerate(text.splitlines(), 1):
         if line.strip():
@@ -107,28 +136,40 @@ def load_swebench_tasks(path: str | os.PathLike) -> list[Task]:
                 instance = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}, line {number}: invalid JSON ({exc.msg})") from None
+            _anchor_repo_path(instance, path.parent)
             tasks.append(task_from_swebench(instance, f"{path}, line {number}"))
     return tasks
 
 
 def load_local_tasks(folder: str | os.PathLike) -> list[Task]:
     """Tasks from a folder of task folders, each with `task.json` (SWE-bench fields) and the repository in `repo/`
-    (the layout [`entropo_trl.rollout.toy.make_toy_tasks`] writes)."""
+    (the layout [`entropo_trl.rollout.toy.make_toy_tasks`] writes). A `repo_path` in `task.json` is relative to its
+    task folder; the folder may be given relative to the cwd (repo paths come out absolute). Errors name the
+    `task.json` and the field."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"task folder not found: {folder}")
     tasks = []
-    for task_dir in sorted(p for p in folder.iterdir() if (p / "task.json").exists()):
-        instance = json.loads((task_dir / "task.json").read_text(encoding="utf-8"))
-        instance.setdefault("repo_path", str(task_dir / "repo"))
-        if not Path(instance["repo_path"]).is_absolute():
-            instance["repo_path"] = str(task_dir / instance["repo_path"])
-        tasks.append(task_from_swebench(instance, str(task_dir / "task.json")))
+    for task_dir in sorted(p.resolve() for p in folder.iterdir() if (p / "task.json").exists()):
+        where = task_dir / "task.json"
+        try:
+            instance = json.loads(_read_text(where))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{where}, line {exc.lineno}: invalid JSON ({exc.msg})") from None
+        if not isinstance(instance, dict):
+            raise ValueError(f"{where}: expected a JSON object (one task instance), got {type(instance).__name__}")
+        if instance.get("repo_path") in (None, ""):
+            instance["repo_path"] = "repo"
+        _anchor_repo_path(instance, task_dir)
+        task = task_from_swebench(instance, str(where))
+        if not Path(task.repo_path).is_dir():
+            raise ValueError(f"{where}: 'repo_path': repository folder not found: {task.repo_path}")
+        tasks.append(task)
     if not tasks:
         raise ValueError(f"{folder} holds no task folders (each needs a task.json)")
     return tasks
 
 
 def load_tasks(source: str | os.PathLike) -> list[Task]:
-    """A folder of local tasks, or a SWE-bench-format JSON / JSONL file."""
+    """A folder of local tasks, or a SWE-bench-format JSON / JSONL file (a relative path is taken from the cwd)."""
     return load_local_tasks(source) if Path(source).is_dir() else load_swebench_tasks(source)
