@@ -71,22 +71,24 @@ def scripted_teacher(tasks):
     from .rollout.scaffold import Action
 
     fixes = {t.problem_statement: t.metadata["reference_fix"] for t in tasks}
-    episodes: dict[str, int] = {}  # sandbox folder -> episode number within its instance
     seen: dict[str, int] = {}  # problem statement -> episodes started
+    give_up_thought = "Where is it?"
 
     def respond(messages):
         issue = messages[1]["content"]
         workdir = re.search(r"repository in the (\S+) directory", issue).group(1)
         statement, fix = next((text, f) for text, f in fixes.items() if text in issue)
-        if workdir not in episodes:
-            episodes[workdir] = seen.get(statement, 0)
-            seen[statement] = episodes[workdir] + 1
         step = sum(m["role"] == "assistant" for m in messages)
-        gives_up = episodes[workdir] % 2 == 1
+        if step == 0:  # a new episode: every other one of an instance gives up
+            gives_up = seen.get(statement, 0) % 2 == 1
+            seen[statement] = seen.get(statement, 0) + 1
+        else:  # an episode under way (sandboxes all say /testbed): its first turn tells which kind it is
+            first = next(m["content"] for m in messages if m["role"] == "assistant")
+            gives_up = first.startswith(give_up_thought)
         path = f"{workdir}/{fix['path']}"
         if gives_up:
             if step == 0:
-                return Action("search", {"search_term": fix["function"], "path": workdir}, "Where is it?").to_text()
+                return Action("search", {"search_term": fix["function"], "path": workdir}, give_up_thought).to_text()
             return Action("finish", {"command": "submit"}, "I could not find the cause.").to_text()
         return solving_step(step, path, fix)
 
