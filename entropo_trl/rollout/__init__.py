@@ -4,15 +4,27 @@ the test oracle (DESIGN §4)."""
 from .client import ChatClient, Completion, ContextLimitExceeded, LLMError, SamplingParams
 from .oracle import OracleResult, evaluate_patch
 from .runner import RolloutConfig, RolloutSummary, default_sandbox_factory, run_episode, run_rollouts
-from .sandbox import CommandResult, DockerSandbox, LocalSandbox, Sandbox, SandboxError
+from .sandbox import (
+    SANDBOX_BACKENDS,
+    BwrapSandbox,
+    CommandResult,
+    DockerSandbox,
+    LocalSandbox,
+    Sandbox,
+    SandboxError,
+    make_sandbox,
+    require_bwrap,
+)
 from .scaffold import SYSTEM_PROMPT, Action, parse_action
 from .tasks import Task, load_local_tasks, load_swebench_tasks, load_tasks
 from .tools import ToolResult, ToolState, execute
 from .toy import make_toy_tasks
 
 __all__ = [
+    "SANDBOX_BACKENDS",
     "SYSTEM_PROMPT",
     "Action",
+    "BwrapSandbox",
     "ChatClient",
     "CommandResult",
     "Completion",
@@ -35,8 +47,10 @@ __all__ = [
     "load_local_tasks",
     "load_swebench_tasks",
     "load_tasks",
+    "make_sandbox",
     "make_toy_tasks",
     "parse_action",
+    "require_bwrap",
     "run_episode",
     "run_rollouts",
 ]
