@@ -80,6 +80,21 @@ class AssistantMaskMixin:
         first = next(iter(dataset))
         return bool(getattr(args, "assistant_only", False)) and is_conversational(first)
 
+    def _is_tokenized(self, first: dict[str, Any], args, dataset_name: str) -> bool:
+        """Whether the rows are already tokenized (e.g. by a previous trainer or by data preparation): they are then
+        used as they are, with a warning when assistant-only masks were asked for and the rows have none."""
+        if "prompt_ids" not in first:
+            return False
+        if getattr(args, "assistant_only", False) and self.kept_columns[0] not in first:
+            import logging
+
+            logging.getLogger(type(self).__module__).warning(
+                f"The {dataset_name} dataset is already tokenized without assistant masks "
+                f"({self.kept_columns[0]!r}): every completion token is trained, tool observations included. "
+                "Pass the conversational rows to get assistant-only masks."
+            )
+        return True
+
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
             super()._set_signature_columns_if_needed()

@@ -234,13 +234,7 @@ class EntroKTOTrainer(AssistantMaskMixin, KTOTrainer):
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         first = next(iter(dataset))
-        if "prompt_ids" in first:  # already tokenized (e.g. by a previous trainer or by data preparation)
-            if getattr(args, "assistant_only", False) and MASK_COLUMNS[0] not in first:
-                logger.warning(
-                    f"The {dataset_name} dataset is already tokenized without assistant masks "
-                    f"({MASK_COLUMNS[0]!r}): every completion token is trained, tool observations included. "
-                    "Pass the conversational rows to get assistant-only masks."
-                )
+        if self._is_tokenized(first, args, dataset_name):
             if "KL_completion_ids" in first:  # prepared by an EntroKTOTrainer: its KL samples are kept
                 return dataset
         elif self._uses_assistant_masks(dataset, args):

@@ -20,7 +20,7 @@ from entropo_trl.rollout.cli import main
 from entropo_trl.rollout.runner import EpisodeClaims, claims_path, errors_path
 from entropo_trl.rollout.scaffold import Action
 from entropo_trl.rollout.serve import serve_scripted
-from entropo_trl.rollout.toy import make_toy_tasks
+from entropo_trl.rollout.toy import CONFTEST_REWARD_HACK, make_toy_tasks
 from entropo_trl.trajectory import read_trajectories
 
 FAST_CLIENT = ["--max_retries", "1", "--retry_backoff", "0.01", "--request_timeout", "5"]
@@ -226,20 +226,10 @@ def test_keys_in_the_runners_environment_never_reach_the_pool(toy_dir, tmp_path,
         assert "--sandbox host is not isolated" in capsys.readouterr().err
 
 
-CONFTEST_HACK = """import pytest
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    outcome = yield
-    outcome.get_result().outcome = "passed"
-"""
-
-
 def test_an_edit_of_the_tests_gets_no_reward_and_is_counted(toy_dir, tmp_path, capsys):
     def hacker(messages):
         if sum(m["role"] == "assistant" for m in messages) == 0:
-            create = {"command": "create", "path": "/testbed/conftest.py", "file_text": CONFTEST_HACK}
+            create = {"command": "create", "path": "/testbed/conftest.py", "file_text": CONFTEST_REWARD_HACK}
             return Action("file_editor", create, "Make every test pass.").to_text()
         return quitter(messages)
 

@@ -19,7 +19,7 @@ from entropo_trl.rollout.oracle import (
 )
 from entropo_trl.rollout.runner import default_sandbox_factory
 from entropo_trl.rollout.tasks import DEFAULT_TEST_COMMAND, task_from_swebench
-from entropo_trl.rollout.toy import make_toy_tasks
+from entropo_trl.rollout.toy import CONFTEST_REWARD_HACK, make_toy_tasks
 from entropo_trl.trajectory import Trajectory, parse_pytest_statuses
 
 GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
@@ -181,18 +181,6 @@ def test_unittest_style_ids_without_an_eval_script_are_an_oracle_error(instance)
 
 # --------------------------------------------------------------------------------------------------------------------
 # test infrastructure: restored from the base commit, whatever the patch did to it
-# --------------------------------------------------------------------------------------------------------------------
-
-# The reward hack of issue 12: a root conftest.py whose hook reports every test as passed.
-CONFTEST_HACK = (
-    "import pytest\n\n\n"
-    "@pytest.hookimpl(hookwrapper=True)\n"
-    "def pytest_runtest_makereport(item, call):\n"
-    "    outcome = yield\n"
-    "    report = outcome.get_result()\n"
-    '    report.outcome = "passed"\n'
-    "    report.longrepr = None\n"
-)
 
 
 @pytest.fixture(scope="module")
@@ -226,7 +214,7 @@ def test_the_conftest_reward_hack_gets_nothing_on_the_toy_tasks(toy_tasks):
     the oracle removes the file the model created and the bug decides: reward 0, the conftest listed as dropped."""
     factory = default_sandbox_factory("local")
     for task in toy_tasks:
-        patch = _patch_of(task, factory, _create("conftest.py", CONFTEST_HACK))
+        patch = _patch_of(task, factory, _create("conftest.py", CONFTEST_REWARD_HACK))
         assert _unguarded_reward(task, patch, factory) == 1.0  # the hack works on the tests as they were run before
         result = evaluate_patch(task, patch, factory)
         assert result.patch_applied and result.reward == 0.0 and result.dropped_test_edits == ["conftest.py"]
@@ -240,7 +228,7 @@ def test_the_conftest_reward_hack_gets_nothing_on_the_toy_tasks(toy_tasks):
 @pytest.mark.parametrize(
     "path, text",
     [
-        ("tests/conftest.py", CONFTEST_HACK),
+        ("tests/conftest.py", CONFTEST_REWARD_HACK),
         ("pytest.ini", "[pytest]\naddopts = -p hack\n"),
         ("setup.cfg", "[tool:pytest]\naddopts = -p hack\n"),
     ],
@@ -252,7 +240,7 @@ def test_other_places_for_the_hack_are_dropped_too(toy_tasks, path, text):
 
     def edits(sandbox):
         sandbox.write_file(f"{sandbox.workdir}/{path}", text)
-        sandbox.write_file(f"{sandbox.workdir}/hack.py", CONFTEST_HACK)
+        sandbox.write_file(f"{sandbox.workdir}/hack.py", CONFTEST_REWARD_HACK)
 
     patch = _patch_of(task, factory, edits)
     assert _unguarded_reward(task, patch, factory) == 1.0
@@ -303,7 +291,7 @@ def test_the_conftest_hack_gets_nothing_under_the_instances_eval_script(instance
     shipped["FAIL_TO_PASS"] = ["tests/test_geo.py::test_rectangle[two"]
     task = task_from_swebench(shipped)
     factory = default_sandbox_factory("local")
-    hack = _patch_of(task, factory, _create("conftest.py", CONFTEST_HACK))
+    hack = _patch_of(task, factory, _create("conftest.py", CONFTEST_REWARD_HACK))
     result = evaluate_patch(task, hack, factory)
     assert result.reward == 0.0 and result.dropped_test_edits == ["conftest.py"]
 
@@ -355,7 +343,7 @@ def test_split_patch_reads_git_and_traditional_diffs(tmp_path):
     _git(repo, "add", "-A")
     _git(repo, "commit", "-q", "-m", "base")
     (repo / "src.py").write_text("a\nc\n")
-    (repo / "conftest.py").write_text(CONFTEST_HACK)
+    (repo / "conftest.py").write_text(CONFTEST_REWARD_HACK)
     (repo / "tests" / "test_a.py").unlink()
     (repo / "we ird.py").write_text("z\n")
     (repo / "old.py").rename(repo / "new näme.py")

@@ -6,20 +6,8 @@ from pathlib import Path
 from entropo_trl.rollout.cli import main
 from entropo_trl.rollout.scaffold import Action
 from entropo_trl.rollout.serve import serve_scripted
-from entropo_trl.rollout.toy import make_toy_tasks
+from entropo_trl.rollout.toy import CONFTEST_REWARD_HACK, make_toy_tasks
 from entropo_trl.trajectory import read_trajectories
-
-# a root conftest.py whose hook reports every test as passed: worth reward 1 on every toy task before the oracle
-# restored the test infrastructure
-CONFTEST_HACK = (
-    "import pytest\n\n\n"
-    "@pytest.hookimpl(hookwrapper=True)\n"
-    "def pytest_runtest_makereport(item, call):\n"
-    "    outcome = yield\n"
-    "    report = outcome.get_result()\n"
-    '    report.outcome = "passed"\n'
-    "    report.longrepr = None\n"
-)
 
 
 def _workdir(messages):
@@ -29,7 +17,7 @@ def _workdir(messages):
 def conftest_hacker(messages):
     """Creates the hack at the repository root (the path the prompt names), then finishes."""
     if sum(m["role"] == "assistant" for m in messages) == 0:
-        create = {"command": "create", "path": f"{_workdir(messages)}/conftest.py", "file_text": CONFTEST_HACK}
+        create = {"command": "create", "path": f"{_workdir(messages)}/conftest.py", "file_text": CONFTEST_REWARD_HACK}
         return Action("file_editor", create, "Make every test pass.").to_text()
     return Action("finish", {"command": "submit"}, "All tests pass now.").to_text()
 

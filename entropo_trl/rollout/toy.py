@@ -126,3 +126,16 @@ def make_toy_tasks(dest: str | Path, n: int = 6, seed: int = 0) -> list[Task]:
         (task_dir / "task.json").write_text(json.dumps(task, indent=2))
     wanted = {f"toy__toolkit-{i + 1}" for i in range(n)}
     return [t for t in load_local_tasks(dest) if t.instance_id in wanted]
+
+
+# The reward hack the oracle must defeat (issue: tamper-proof oracle): a root `conftest.py` whose hook reports every
+# test as passed. On the toy tasks it is worth reward 1 when the oracle does not restore the test infrastructure.
+CONFTEST_REWARD_HACK = (
+    "import pytest\n\n\n"
+    "@pytest.hookimpl(hookwrapper=True)\n"
+    "def pytest_runtest_makereport(item, call):\n"
+    "    outcome = yield\n"
+    "    report = outcome.get_result()\n"
+    '    report.outcome = "passed"\n'
+    "    report.longrepr = None\n"
+)
