@@ -21,6 +21,7 @@ from entropo_trl.rollout.sandbox import (
     LocalSandbox,
     SandboxError,
     SandboxLimits,
+    _warn_unisolated,
     default_docker_setup,
     make_sandbox,
     require_bwrap,
@@ -604,6 +605,7 @@ def test_missing_bwrap_is_a_clear_error(monkeypatch, repo, tmp_path):
 
 def test_make_sandbox_backends(repo, tmp_path, caplog):
     task = Task("t", "issue", repo_path=str(repo))
+    _warn_unisolated.cache_clear()  # warned once per process: another test may have used a host sandbox already
     with make_sandbox("host", task, str(tmp_path)) as host:
         assert isinstance(host, LocalSandbox) and host.workdir != "/testbed"
     assert "not isolated" in caplog.text or "without isolation" in caplog.text
