@@ -264,3 +264,33 @@ def test_sigterm_removes_the_sandboxes(toy_dir, tmp_path):
     assert list(root.iterdir()) == []
     assert not pool.exists() or pool.read_text() == ""
     assert not claims_path(pool).exists()
+
+
+def test_sigterm_does_not_wait_for_a_running_tool(toy_dir, tmp_path):
+    """A tool call in flight (here `sleep 60` with a 60 s tool limit) is killed with its sandbox: the runner exits at
+    once instead of waiting for the call's time limit."""
+
+    def sleeper(messages):
+        return Action("execute_bash", {"cmd": "sleep 60"}, "Waiting.").to_text()
+
+    pool, root = tmp_path / "pool.jsonl", tmp_path / "boxes"
+    with serve_scripted(sleeper) as server:
+        extra = ["--limit", "1", "--max_steps", "3", "--tool_timeout", "60", "--sandbox_root", str(root)]
+        process = subprocess.Popen(
+            _command(toy_dir, pool, server.base_url, *extra),
+            env={**os.environ, "TQDM_DISABLE": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 60
+        while not server.requests and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(2)  # the first call is running
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=60)
+        waited = time.monotonic() - started
+    assert process.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert waited < 15, f"the runner waited {waited:.1f} s for the tool call"
+    assert list(root.iterdir()) == []

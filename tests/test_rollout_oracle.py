@@ -248,6 +248,25 @@ def test_other_places_for_the_hack_are_dropped_too(toy_tasks, path, text):
     assert result.reward == 0.0 and result.dropped_test_edits == [path]  # hack.py is not test infrastructure
 
 
+PYTEST_SHADOW = """import sys
+
+for arg in sys.argv[1:]:
+    if "::" in arg:
+        print("PASSED", arg)
+print("1 passed")
+"""
+
+
+def test_a_module_that_shadows_the_test_runner_gets_nothing(toy_tasks):
+    """A top-level `pytest.py` runs instead of pytest under `python -m pytest` and prints every test as passed."""
+    task = toy_tasks[0]
+    factory = default_sandbox_factory("local")
+    patch = _patch_of(task, factory, _create("pytest.py", PYTEST_SHADOW))
+    assert _unguarded_reward(task, patch, factory) == 1.0
+    result = evaluate_patch(task, patch, factory)
+    assert result.reward == 0.0 and result.dropped_test_edits == ["pytest.py"]
+
+
 def test_editing_an_existing_test_file_to_pass_gets_nothing(toy_tasks):
     factory = default_sandbox_factory("local")
     task = toy_tasks[0]
@@ -313,6 +332,14 @@ def test_the_conftest_hack_gets_nothing_under_the_instances_eval_script(instance
         ("pyproject.toml", True),
         ("sub/pyproject.toml", True),
         ("tests", True),
+        ("pytest.py", True),  # `python -m pytest` imports the working directory first: these replace the runner
+        ("pytest/__main__.py", True),
+        ("_pytest/runner.py", True),
+        ("sitecustomize.py", True),
+        ("__pycache__/conftest.cpython-311-pytest-9.2.0.pyc", True),  # a forged cache runs instead of its source
+        ("pkg/__pycache__/core.cpython-311.pyc", True),
+        ("pkg/core.pyc", True),
+        ("pkg/pytest.py", False),
         ("django/test/testcases.py", False),  # library code: `test/` and `testing/` count only at the top level
         ("numpy/testing/_private/utils.py", False),
         ("src/pkg/core.py", False),

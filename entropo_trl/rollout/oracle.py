@@ -139,6 +139,25 @@ TEST_FILE_PATTERNS = ("test_*.py", "*_test.py")
 # since below it they are often library code (`django/test/`, `numpy/testing/`, `sympy/testing/`)
 TEST_DIRS_ANYWHERE = frozenset({"tests"})
 TEST_DIRS_AT_TOP = frozenset({"test", "tests", "testing"})
+# `python -m pytest` imports from the working directory before site-packages: a top-level module with one of these
+# names replaces the test runner, its plugins or the interpreter's start-up for the whole run
+TEST_RUNNER_MODULES_AT_TOP = frozenset(
+    {
+        "pytest",
+        "pytest.py",
+        "_pytest",
+        "py.py",
+        "pluggy",
+        "pluggy.py",
+        "iniconfig",
+        "iniconfig.py",
+        "sitecustomize.py",
+        "usercustomize.py",
+    }
+)
+# compiled bytecode: pytest and Python load a cached `.pyc` whose header matches the source (or an unchecked
+# hash-based one without looking at the source), so a forged one runs other code than the file it stands for
+BYTECODE_SUFFIXES = (".pyc", ".pyo")
 
 
 def is_test_infrastructure(path: str, test_files: Iterable[str] = ()) -> bool:
@@ -150,7 +169,10 @@ def is_test_infrastructure(path: str, test_files: Iterable[str] = ()) -> bool:
       `tox.ini`, `setup.cfg`, `pyproject.toml`;
     - test files by name: `test_*.py`, `*_test.py`;
     - anything under a `tests/` directory at any depth, or under a top-level `test/` or `testing/` directory (a
-      file or link with one of those names counts too).
+      file or link with one of those names counts too);
+    - a top-level module that would shadow the test runner (`pytest.py`, `pytest/`, `_pytest/`, `pluggy`,
+      `sitecustomize.py`, ...: `python -m pytest` imports the working directory first);
+    - compiled bytecode anywhere (`__pycache__/`, `*.pyc`, `*.pyo`): a forged cache file runs instead of its source.
 
     Not covered: library code a test imports (a patch that monkeypatches pytest from the package under test).
     """
@@ -163,7 +185,9 @@ def is_test_infrastructure(path: str, test_files: Iterable[str] = ()) -> bool:
         or name in TEST_CONFIG_FILES
         or any(fnmatch.fnmatchcase(name, pattern) for pattern in TEST_FILE_PATTERNS)
         or parts[0] in TEST_DIRS_AT_TOP
-        or any(part in TEST_DIRS_ANYWHERE for part in parts)
+        or parts[0] in TEST_RUNNER_MODULES_AT_TOP
+        or any(part in TEST_DIRS_ANYWHERE or part == "__pycache__" for part in parts)
+        or name.endswith(BYTECODE_SUFFIXES)
     )
 
 

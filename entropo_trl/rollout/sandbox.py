@@ -45,7 +45,7 @@ import time
 import uuid
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -278,12 +278,14 @@ def run_process(
     cwd: str | None = None,
     env: dict[str, str] | None = None,
     input: bytes | None = None,
+    on_start: Callable[[int], None] | None = None,
 ) -> tuple[CommandResult, int]:
     """Run `argv` in a new process group with a time limit, never hanging on pipes held open by its children.
 
     The process group is killed when the time limit passes, and also when the main process has exited but children
     still hold its output pipes after a short grace period (e.g. `server &` without redirection). Children that
     redirected their output (`server > log 2>&1 &`) keep running; the caller owns the returned process group id.
+    `on_start(pgid)` is called as soon as the process runs (so that a sandbox closed meanwhile can kill it).
     Returns the result and the process group id.
     """
     start = time.monotonic()
@@ -298,6 +300,8 @@ def run_process(
         start_new_session=True,
     )
     pgid = proc.pid  # a new session: the process leads its own group
+    if on_start is not None:
+        on_start(pgid)
     captures = {proc.stdout: _Capture(4 * max_output + 4), proc.stderr: _Capture(4 * max_output + 4)}
     timed_out = _pump(proc, captures, input, deadline)
     if not timed_out and proc.poll() is None:  # the pipes closed but the process is still running
@@ -1105,6 +1109,8 @@ class BwrapSandbox(ShellSandbox):
     ):
         self._owner_pid = os.getpid()
         self._closed = True
+        self._lock = threading.Lock()
+        self._running: set[int] = set()  # process groups of the calls in flight
         bwrap = require_bwrap()
         self._copy = LocalSandbox(repo, base_commit, root=root)  # made on the host, before the model runs anything
         self._closed = False
@@ -1127,15 +1133,35 @@ class BwrapSandbox(ShellSandbox):
         if self._closed:
             raise SandboxError("the sandbox is closed")
         result, pgid = run_process(
-            [*self._argv, command], timeout=timeout, max_output=max_output, env={"PATH": SYSTEM_PATH}, input=input
+            [*self._argv, command],
+            timeout=timeout,
+            max_output=max_output,
+            env={"PATH": SYSTEM_PATH},
+            input=input,
+            on_start=self._started,
         )
         _kill_group(pgid)  # the namespace died with its first process; this is bwrap's own process group
+        with self._lock:
+            self._running.discard(pgid)
         return result
 
+    def _started(self, pgid: int) -> None:
+        with self._lock:
+            self._running.add(pgid)
+            closed = self._closed
+        if closed:  # closed while this call was starting (e.g. SIGTERM): it must not run on
+            _kill_group(pgid)
+
     def close(self) -> None:
-        if getattr(self, "_closed", True):
-            return
-        self._closed = True
+        """Kill the calls still running (bwrap's `--die-with-parent` then ends their namespaces) and remove the
+        checkout, so a runner that stops (SIGTERM, Ctrl-C) does not wait for their time limits."""
+        with self._lock:
+            if getattr(self, "_closed", True):
+                return
+            self._closed = True
+            running = list(self._running)
+        for pgid in running:
+            _kill_group(pgid)
         self._copy.close()
 
 
