@@ -242,18 +242,22 @@ def test_an_edit_of_the_tests_gets_no_reward_and_is_counted(toy_dir, tmp_path, c
     assert trajectory.metadata["dropped_test_edits"] == ["conftest.py"]
 
 
+def _start(toy_dir, pool, base_url, *extra):
+    """`entropo-rollout` in a subprocess, its output captured."""
+    return subprocess.Popen(
+        _command(toy_dir, pool, base_url, *extra),
+        env={**os.environ, "TQDM_DISABLE": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def test_sigterm_removes_the_sandboxes(toy_dir, tmp_path):
     pool, root = tmp_path / "pool.jsonl", tmp_path / "boxes"
     with serve_scripted(looper, delay=0.3) as server:
         extra = ["--limit", "1", "--n", "2", "--max_steps", "100", "--sandbox_root", str(root)]
-        process = subprocess.Popen(
-            _command(toy_dir, pool, server.base_url, *extra),
-            env={**os.environ, "TQDM_DISABLE": "1"},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        deadline = time.monotonic() + 60
+        process, deadline = _start(toy_dir, pool, server.base_url, *extra), time.monotonic() + 60
         while len(server.requests) < 4 and time.monotonic() < deadline:  # both episodes are in their loops
             time.sleep(0.1)
         assert any(p.name.startswith("entropo-sandbox-") for p in root.iterdir())
@@ -276,14 +280,7 @@ def test_sigterm_does_not_wait_for_a_running_tool(toy_dir, tmp_path):
     pool, root = tmp_path / "pool.jsonl", tmp_path / "boxes"
     with serve_scripted(sleeper) as server:
         extra = ["--limit", "1", "--max_steps", "3", "--tool_timeout", "60", "--sandbox_root", str(root)]
-        process = subprocess.Popen(
-            _command(toy_dir, pool, server.base_url, *extra),
-            env={**os.environ, "TQDM_DISABLE": "1"},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        deadline = time.monotonic() + 60
+        process, deadline = _start(toy_dir, pool, server.base_url, *extra), time.monotonic() + 60
         while not server.requests and time.monotonic() < deadline:
             time.sleep(0.1)
         time.sleep(2)  # the first call is running
