@@ -157,8 +157,8 @@ class EntroKTOTrainer(AssistantMaskMixin, KTOTrainer):
     Log-probs are summed over the tokens of assistant turns only when `args.assistant_only` is set and the rows are
     conversational with multi-message completions (prompt `[system, issue]`, completion the rest of the trajectory),
     in the examples and in the mismatched KL samples alike. Rows whose completion is a single assistant message, and
-    plain-text rows, are tokenised exactly as TRL does. z0 is the unclamped mean by default (`z0_clamp=False`); at α = β with
-    `z0_clamp=True` the trainer is TRL's KTO loss, given the same KL samples. Unlike TRL, the KL samples pair rows of
+    plain-text rows, are tokenised exactly as TRL does. z0 is the unclamped mean by default (`z0_clamp=False`); at
+    α = β with `z0_clamp=True` the trainer is TRL's KTO loss, given the same KL samples. Unlike TRL, the KL samples pair rows of
     different prompts across the whole dataset (columns `kl_partner`, `kl_same_prompt`, `KL_completion_ids`), the
     train rows are shuffled once, and `per_device_train_batch_size=1` is allowed; the data must be a map-style
     `datasets.Dataset`.
@@ -166,7 +166,8 @@ class EntroKTOTrainer(AssistantMaskMixin, KTOTrainer):
     Args are those of [`~trl.KTOTrainer`]; `args` must be an [`EntroKTOConfig`] (default: one with α = β).
 
     Logs, besides TRL's metrics: `entropo/alpha`, `entropo/z0` (the reference point used in the loss, after any clamp;
-    TRL's `kl` shows the same value); `entropo/kl_same_prompt` (the share of KL samples meeting their row's prompt); `rewards/*` and `rewards/margins` in EntroPO units (`α·logp − β·ref`, or
+    TRL's `kl` shows the same value); `entropo/kl_same_prompt` (the share of KL samples meeting their row's prompt);
+    `rewards/*` and `rewards/margins` in EntroPO units (`α·logp − β·ref`, or
     `β·(logp − ref)` for the reference-code variant); `entropy` over the scored (assistant) tokens.
     """
 
