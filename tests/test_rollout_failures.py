@@ -202,6 +202,8 @@ def test_a_killed_runners_claims_are_free_at_once(tmp_path):
 
 @pytest.mark.parametrize("sandbox", ["host", "local"])
 def test_keys_in_the_runners_environment_never_reach_the_pool(toy_dir, tmp_path, monkeypatch, capsys, sandbox):
+    """`host`: the model sees the keys, so this tests the runner's redaction; `local`: the sandbox's cleared
+    environment keeps them out before redaction could matter (both defences, one case each)."""
     keys = {"OPENAI_API_KEY": "sk-test-4f1c0ffee0ddba11", "HF_TOKEN": "hf_testTokenValue0123456789"}
     for name, value in keys.items():
         monkeypatch.setenv(name, value)

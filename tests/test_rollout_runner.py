@@ -199,6 +199,22 @@ def test_a_failure_after_the_first_step_is_an_error_too(toy_tasks, tmp_path):
     assert _run(toy_tasks[:1], looper, tmp_path / "pool.jsonl", max_steps=3, oracle=False).ran == 1
 
 
+def test_a_request_refused_after_the_first_step_ends_the_episode_recorded(toy_tasks, tmp_path):
+    """A 400 once the conversation has grown is this conversation's, not the endpoint's: a rerun would meet it again,
+    so the episode ends there, recorded, and does not count towards stopping the run."""
+    from entropo_trl.rollout.serve import StubHTTPError
+
+    def refuses_step_two(messages):
+        if sum(m["role"] == "assistant" for m in messages) == 1:
+            raise StubHTTPError(400, "invalid request")
+        return looper(messages)
+
+    summary = _run(toy_tasks[:1], refuses_step_two, tmp_path / "pool.jsonl", max_steps=3, oracle=False)
+    assert summary.ran == 1 and summary.errors == 0
+    (trajectory,) = read_trajectories(tmp_path / "pool.jsonl")
+    assert trajectory.exit_reason == "llm_request_refused" and trajectory.num_steps == 1 and not trajectory.finished
+
+
 def test_each_sample_gets_its_own_seed(toy_tasks, tmp_path):
     from entropo_trl.rollout.client import SamplingParams
 
@@ -357,6 +373,8 @@ def test_cli_with_a_local_transformers_model(toy_tasks, tmp_path, tokenizer, tin
             "local sandboxes only",
         ),
         (["--base_url", "http://127.0.0.1:9/v1", "--model", "m", "--max_retries", "-1"], "--max_retries must be"),
+        (["--base_url", "http://127.0.0.1:9/v1", "--model", "m", "--retry_backoff", "nan"], "--retry_backoff must"),
+        (["--base_url", "http://127.0.0.1:9/v1", "--model", "m", "--max_context_tokens", "0"], "--max_context_tok"),
         (["--base_url", "http://127.0.0.1:9/v1", "--model", "m", "--request_timeout", "0"], "--request_timeout must"),
         (["--base_url", "http://127.0.0.1:9/v1", "--model", "m", "--sandbox", "vm"], "invalid choice"),
     ],
@@ -376,6 +394,7 @@ def test_cli_rejects_bad_options_before_starting_anything(tmp_path, capsys, extr
         ([], 100, 65_536),
         (["--preset", "eval"], 200, 131_072),
         (["--preset", "eval", "--max_steps", "50"], 50, 131_072),
+        (["--preset", "eval", "--max_context_tokens", "32768", "--temperature", "0.2"], 200, 32_768),
     ],
 )
 def test_cli_presets_set_the_papers_limits(tmp_path, monkeypatch, extra, steps, context):
@@ -401,4 +420,5 @@ def test_cli_presets_set_the_papers_limits(tmp_path, monkeypatch, extra, steps, 
     cli.main(["--tasks", str(tmp_path), "--pool", str(tmp_path / "p.jsonl"), "--serve_vllm", "org/model", *extra])
     config = seen["config"]
     assert config.max_steps == steps and seen["context"] == context and seen["served"]["max_model_len"] == context
-    assert (config.sampling.temperature, config.sampling.top_p, config.sampling.top_k) == (0.7, 0.8, 20)
+    temperature = 0.2 if "--temperature" in extra else 0.7  # a flag overrides its default
+    assert (config.sampling.temperature, config.sampling.top_p, config.sampling.top_k) == (temperature, 0.8, 20)

@@ -493,7 +493,7 @@ def test_isolated_writes_outside_the_checkout_do_not_reach_the_host(isolated, tm
         f"{tmp_path}/escape-{token}",
     ):
         assert not os.path.exists(host_path)
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="cannot write .*Read-only file system"):
         isolated.write_file(f"/testbed/../escape-{token}", "x")
     isolated.write_file(f"/tmp/escape-{token}", "private")
     assert not os.path.exists(f"/tmp/escape-{token}") and isolated.read_file(f"/tmp/escape-{token}") == "private"
@@ -630,11 +630,13 @@ def test_sweep_removes_only_the_folders_of_dead_runs(repo, tmp_path):
     (stale / "repo" / "locked").chmod(0o500)
     unmarked = root / "entropo-sandbox-old"
     unmarked.mkdir()
+    unknown_start = root / "entropo-sandbox-p999999999s0-abc"  # made where the start time could not be read
+    unknown_start.mkdir()
     other = root / "unrelated"
     other.mkdir()
     try:
         assert sweep_stale_sandboxes(root) == [str(stale)]
-        assert not stale.exists() and unmarked.exists() and other.exists()
+        assert not stale.exists() and unmarked.exists() and other.exists() and unknown_start.exists()
         assert os.path.isdir(live.workdir)  # this process's sandbox stays
         assert sweep_stale_sandboxes(tmp_path / "missing") == []
     finally:

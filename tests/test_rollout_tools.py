@@ -395,7 +395,11 @@ def test_special_files_are_refused_within_the_tool_limit(sandbox_kind, box, stat
         assert time.monotonic() - start < 3
 
 
-def test_directory_listing_is_bounded(box, state):
-    box.run(f"mkdir many && cd many && touch $(seq 1 {MAX_LISTED_ENTRIES + 10})")
-    observation = edit(box, state, command="view", path="many")
+@pytest.mark.parametrize("sandbox_kind", ["host", "isolated"])
+def test_directory_listing_is_bounded(sandbox_kind, box, state, request):
+    sandbox = box if sandbox_kind == "host" else request.getfixturevalue("isolated")
+    sandbox.run(f"mkdir many && cd many && touch $(seq 1 {MAX_LISTED_ENTRIES + 10})")
+    observation = edit(sandbox, state, command="view", path="many")
     assert f"more than {MAX_LISTED_ENTRIES} entries" in observation
+    # the cut is real, not only announced (the observation itself is clipped further, at 10,000 characters)
+    assert len(sandbox.list_dir("many", limit=MAX_LISTED_ENTRIES)) == MAX_LISTED_ENTRIES

@@ -36,9 +36,10 @@ from .tasks import load_tasks
 
 # Limits and sampling per use: preference pools (the authors' rollout settings) and test-time scaling (the paper's
 # evaluation: 200 steps, 131,072 tokens).
+# Both sample as the Qwen3 card says (temperature 0.7, top_p 0.8, top_k 20: the flags' defaults).
 PRESETS = {
-    "pool": {"max_steps": 100, "max_context_tokens": 65_536, "temperature": 0.7, "top_p": 0.8, "top_k": 20},
-    "eval": {"max_steps": 200, "max_context_tokens": 131_072, "temperature": 0.7, "top_p": 0.8, "top_k": 20},
+    "pool": {"max_steps": 100, "max_context_tokens": 65_536},
+    "eval": {"max_steps": 200, "max_context_tokens": 131_072},
 }
 
 
@@ -77,9 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_tokens", type=int, default=16_384, help="tokens per completion")
     parser.add_argument("--tool_timeout", type=float, default=90.0)
     parser.add_argument("--max_episode_seconds", type=float, default=50_000.0)
-    parser.add_argument("--temperature", type=float, help="sampling temperature (0.7)")
-    parser.add_argument("--top_p", type=float, help="nucleus sampling (0.8)")
-    parser.add_argument("--top_k", type=int, help="top-k sampling (20)")
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--top_p", type=float, default=0.8)
+    parser.add_argument("--top_k", type=int, default=20)
     parser.add_argument("--repetition_penalty", type=float, default=1.05)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument(
@@ -177,8 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.limit is not None and args.limit < 1:
         parser.error(f"--limit must be >= 1, got {args.limit}")
     for name in ("stop_after_llm_errors", "max_retries", "retry_backoff"):
-        if getattr(args, name) < 0:
-            parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
+        if not getattr(args, name) >= 0 or getattr(args, name) == float("inf"):  # nan and inf fail too
+            parser.error(f"--{name} must be a finite number >= 0, got {getattr(args, name)}")
+    if args.max_context_tokens < 1:  # before any server starts (vLLM would be given max_model_len=0)
+        parser.error(f"--max_context_tokens must be >= 1, got {args.max_context_tokens}")
     if not args.request_timeout > 0:
         parser.error(f"--request_timeout must be > 0 seconds, got {args.request_timeout}")
     try:

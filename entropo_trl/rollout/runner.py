@@ -303,12 +303,18 @@ class PoolIndex:
         return self.episodes
 
 
-def done_episodes(pool: str | Path) -> set[str]:
-    """The `episode_id`s already in a pool (a torn last line is counted as not done)."""
-    index = PoolIndex(pool)
-    done = index.refresh()
+def _refuses_the_conversation(error: LLMError) -> bool:
+    """A client error (4xx other than a timeout or a rate limit): the server refuses this request as it is."""
+    return error.status is not None and 400 <= error.status < 500 and error.status not in (408, 409, 429)
+
+
+def done_episodes(pool: str | Path | PoolIndex) -> set[str]:
+    """The `episode_id`s already in a pool (a torn last line is counted as not done); given a [`PoolIndex`], it is
+    refreshed (and keeps its place for later refreshes)."""
+    index = pool if isinstance(pool, PoolIndex) else PoolIndex(pool)
+    done = set(index.refresh())
     if index.unreadable:
-        logger.warning(f"{pool}: {index.unreadable} lines without an episode_id skipped")
+        logger.warning(f"{index.path}: {index.unreadable} lines without an episode_id skipped")
     return done
 
 
@@ -346,7 +352,8 @@ async def run_episode(
 
     Raises what the episode cannot be recorded for: [`LLMError`] when the model could not be reached or gave no
     chat completion (after the client's retries), and errors of the sandbox or the oracle. The conversation growing
-    past the context ([`ContextLimitExceeded`]) ends the episode normally (`exit_reason="token_limit"`)."""
+    past the context ([`ContextLimitExceeded`]) ends the episode normally (`exit_reason="token_limit"`), and so does
+    a client error (4xx) after the first step, which a rerun would meet again (`exit_reason="llm_request_refused"`)."""
     source = config.source or client.model
     secrets = known_secrets(client.api_key)
     start = time.monotonic()
@@ -370,6 +377,13 @@ async def run_episode(
                 completion = await client.complete(messages, sampling, prompt_tokens_hint=hint)
             except ContextLimitExceeded:
                 exit_reason = "token_limit"
+                break
+            except LLMError as error:
+                if step == 0 or not _refuses_the_conversation(error):
+                    raise  # the endpoint, not this conversation: an error, retried on rerun
+                # a definite 4xx once the conversation has grown (not a context error the client recognised): the same
+                # request would be refused on every rerun, so the episode ends here, recorded
+                exit_reason = "llm_request_refused"
                 break
             usage["prompt_tokens"] = completion.prompt_tokens
             usage["completion_tokens"] += completion.completion_tokens
@@ -480,9 +494,7 @@ async def run_rollouts(
     source = config.source or client.model
     secrets = known_secrets(client.api_key)
     index = PoolIndex(pool)
-    done = set(index.refresh())
-    if index.unreadable:
-        logger.warning(f"{pool}: {index.unreadable} lines without an episode_id skipped")
+    done = done_episodes(index)
     todo = deque((task, k) for task in tasks for k in range(config.n) if episode_id(task, source, k) not in done)
     total = len(tasks) * config.n
     summary = RolloutSummary(str(pool), total, total - len(todo), 0, 0, errors_file=str(errors_path(pool)))

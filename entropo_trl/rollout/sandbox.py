@@ -455,7 +455,12 @@ def sweep_stale_sandboxes(root: str | Path | None = None) -> list[str]:
         if not entry.name.startswith(SANDBOX_PREFIX) or not entry.is_dir(follow_symlinks=False):
             continue
         owner = _OWNER.search(entry.name)
-        if owner is None or _process_start(int(owner.group(1))) == owner.group(2):
+        if owner is None or owner.group(2) == "0":  # no record, or a start time that could not be read: keep it
+            continue
+        start = _process_start(int(owner.group(1)))
+        if start is None and not os.path.isdir("/proc"):  # no way to tell whether its process runs
+            continue
+        if start == owner.group(2):
             continue
         _remove_tree(entry.path)
         removed.append(entry.path)
@@ -1113,19 +1118,27 @@ class BwrapSandbox(ShellSandbox):
         self._running: set[int] = set()  # process groups of the calls in flight
         bwrap = require_bwrap()
         self._copy = LocalSandbox(repo, base_commit, root=root)  # made on the host, before the model runs anything
+        try:
+            self.workdir = SANDBOX_WORKDIR
+            self.base_commit = self._copy.base_commit
+            self.checkout = self._copy.workdir
+            self.limits = limits or SandboxLimits()
+            private_tmp = os.path.join(self._copy.scratch_dir, "tmp")
+            os.mkdir(private_tmp)
+            here = os.path.dirname(sys.executable)
+            environment = {
+                "PATH": f"{here}:{SYSTEM_PATH}",
+                "HOME": "/tmp",
+                "LANG": os.environ.get("LANG") or "C.UTF-8",
+            }
+            environment.update(COMMAND_ENV)
+            environment.update(env or {})
+            self._argv = [bwrap, *_bwrap_args(self.checkout, private_tmp, environment)]
+            self._argv += ["bash", "-c", _limits_script(self.limits), "bash"]
+        except BaseException:
+            self._copy.close()  # the copy is made: do not leave it behind
+            raise
         self._closed = False
-        self.workdir = SANDBOX_WORKDIR
-        self.base_commit = self._copy.base_commit
-        self.checkout = self._copy.workdir
-        self.limits = limits or SandboxLimits()
-        private_tmp = os.path.join(self._copy.scratch_dir, "tmp")
-        os.mkdir(private_tmp)
-        here = os.path.dirname(sys.executable)
-        environment = {"PATH": f"{here}:{SYSTEM_PATH}", "HOME": "/tmp", "LANG": os.environ.get("LANG") or "C.UTF-8"}
-        environment.update(COMMAND_ENV)
-        environment.update(env or {})
-        self._argv = [bwrap, *_bwrap_args(self.checkout, private_tmp, environment)]
-        self._argv += ["bash", "-c", _limits_script(self.limits), "bash"]
 
     def _exec(
         self, command: str, timeout: float, max_output: int = DEFAULT_MAX_OUTPUT, input: bytes | None = None
