@@ -641,3 +641,14 @@ def test_sweep_removes_only_the_folders_of_dead_runs(repo, tmp_path):
         assert sweep_stale_sandboxes(tmp_path / "missing") == []
     finally:
         live.close()
+
+
+def test_a_python_under_tmp_stays_visible_over_the_private_tmp(monkeypatch):
+    """A venv in the host's /tmp (a clone there, as CI may make) is bound after the private /tmp, not hidden by it."""
+    from entropo_trl.rollout import sandbox as module
+
+    monkeypatch.setattr(module, "_python_dirs", lambda: ["/tmp/clone/.venv"])
+    args = module._bwrap_args("/tmp/boxes/repo", "/tmp/boxes/tmp", {})
+    private_tmp = args.index("/tmp/boxes/tmp")
+    venv = args.index("/tmp/clone/.venv")
+    assert args[private_tmp + 1] == "/tmp" and venv > private_tmp and args[venv - 1] == "--ro-bind"

@@ -1067,9 +1067,11 @@ def _bwrap_args(checkout: str, private_tmp: str, env: dict[str, str]) -> list[st
             args += ["--ro-bind", path, path]
     args += [arg for path in _MASKED_FILES if os.path.exists(path) for arg in ("--ro-bind", "/dev/null", path)]
     args += [arg for path in _MASKED_DIRS if os.path.isdir(path) for arg in ("--tmpfs", path)]
+    args += ["--dev", "/dev", "--proc", "/proc", "--bind", private_tmp, "/tmp"]
+    # after the private /tmp: a Python (a venv) that lives under the host's /tmp must stay visible over it
     for path in _python_dirs():
         args += ["--ro-bind", path, path]
-    args += ["--dev", "/dev", "--proc", "/proc", "--bind", private_tmp, "/tmp", "--bind", checkout, SANDBOX_WORKDIR]
+    args += ["--bind", checkout, SANDBOX_WORKDIR]
     args += ["--remount-ro", "/", "--unshare-all", "--die-with-parent", "--new-session", "--clearenv"]
     if os.geteuid() == 0:  # an unprivileged bwrap keeps no capabilities anyway
         args += ["--cap-drop", "ALL"]
