@@ -32,9 +32,9 @@ from pathlib import Path
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from entropo_trl.data import build_kto_rows  # noqa: E402
+from entropo_trl.data.builders import build_kto_rows  # noqa: E402
+from entropo_trl.data.trajectory import ReadStats, Trajectory, read_trajectories, write_trajectories  # noqa: E402
 from entropo_trl.multiturn import assistant_token_mask  # noqa: E402
-from entropo_trl.trajectory import ReadStats, Trajectory, read_trajectories, write_trajectories  # noqa: E402
 
 QWEN_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "qwen-tokenizer"
 

@@ -9,51 +9,11 @@ hybrid selector and the oracle (target < 10 s). Also printed: the resolve rate o
 """
 
 import json
-import random
 import time
 
-from entropo_trl.metrics import best_of_n_curve, oracle_rank, pass_at_k, pool_diversity
-from entropo_trl.selection import PRESETS, HybridSelector, select_pool
-from entropo_trl.trajectory import Trajectory
-
-
-def synthetic_pool(instances=500, per_instance=16, seed=0):
-    rng = random.Random(seed)
-    pool = {}
-    for i in range(instances):
-        difficulty = rng.random()
-        group = []
-        for k in range(per_instance):
-            steps = rng.randint(5, 60)
-            messages = [{"role": "system", "content": "agent"}, {"role": "user", "content": f"issue {i}"}]
-            for s in range(steps):
-                messages.append(
-                    {
-                        "role": "assistant",
-                        "content": f"thought {s} <function=execute_bash>\n"
-                        f"<parameter=cmd>cmd {rng.randint(0, 9)}</parameter>\n</function>",
-                    }
-                )
-                messages.append({"role": "user", "content": "ok"})
-            passed = rng.random() > difficulty
-            # a resolved patch passes every PASS_TO_PASS test; an unresolved one breaks some of them, or none
-            failures = 0 if passed or rng.random() < 0.5 else rng.randint(1, 4)
-            group.append(
-                Trajectory(
-                    instance_id=f"inst-{i}",
-                    messages=messages,
-                    reward=float(passed),
-                    finished=rng.random() < 0.85,
-                    num_steps=steps,
-                    patch=f"diff {i} {k % 5}",
-                    regression_pass_count=10 - failures,
-                    regression_fail_count=failures,
-                    verifier_prob=min(1.0, max(0.0, rng.gauss(0.7 if passed else 0.3, 0.2))),
-                    episode_id=f"{i}/{k}",
-                )
-            )
-        pool[f"inst-{i}"] = group
-    return pool
+from entropo_trl.evaluation.metrics import best_of_n_curve, oracle_rank, pass_at_k, pool_diversity
+from entropo_trl.evaluation.selection import PRESETS, HybridSelector, select_pool
+from entropo_trl.testing import synthetic_pool
 
 
 def main():

@@ -4,7 +4,7 @@ Same as `entropo-data dpo`; `--help` lists the options."""
 
 import sys
 
-from entropo_trl.data_cli import main
+from entropo_trl.data.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["dpo", *sys.argv[1:]]))

@@ -4,7 +4,7 @@ Same as `entropo-data sft`; `--help` lists the options."""
 
 import sys
 
-from entropo_trl.data_cli import main
+from entropo_trl.data.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["sft", *sys.argv[1:]]))

@@ -7,7 +7,7 @@ Same as `entropo-data sharegpt-export` / `sharegpt-import`."""
 
 import sys
 
-from entropo_trl.data_cli import main
+from entropo_trl.data.cli import main
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in ("export", "import"):

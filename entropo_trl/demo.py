@@ -177,7 +177,7 @@ def run_demo(
     from .rollout.client import ChatClient, SamplingParams
     from .rollout.runner import RolloutConfig, run_rollouts
     from .rollout.serve import serve_scripted, serve_transformers
-    from .trajectory import read_trajectories
+    from .data.trajectory import read_trajectories
 
     pool_path = workdir / "pool.jsonl"
     # local sandboxes live in the demo's folder: what an interrupted run leaves behind is removed with it
@@ -236,7 +236,7 @@ def run_demo(
     }
 
     # 4. datasets
-    from .data import build_dpo_pairs, build_kto_rows, build_sft_rows, build_verifier_rows
+    from .data.builders import build_dpo_pairs, build_kto_rows, build_sft_rows, build_verifier_rows
 
     data_dir = workdir / "data"
     builders = {
@@ -260,7 +260,7 @@ def run_demo(
         _say("4/6 datasets", "; ".join(f"{k}: {v}" for k, v in counts.items()) + f" -> {data_dir}")
 
     # 5. training with the real recipes
-    from .recipes import merge_adapter, run_stage
+    from .train import merge_adapter, run_stage
 
     train_dir = workdir / "train"
     common = [
@@ -339,7 +339,7 @@ def run_demo(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .selection import HybridSelector, group_by_instance, score_with_model
+    from .evaluation.selection import HybridSelector, group_by_instance, score_with_model
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     verifier = PeftModel.from_pretrained(
@@ -353,16 +353,9 @@ def run_demo(
         i: {"chosen": t.episode_id, "reward": t.reward, "verifier_prob": round(t.verifier_prob, 4)}
         for i, t in chosen.items()
     }
-    from importlib import util
+    from .evaluation.report import build_report
 
-    spec = util.spec_from_file_location(
-        "entropo_report", Path(__file__).resolve().parent.parent / "eval" / "report.py"
-    )
-    if spec is None or not Path(spec.origin).exists():
-        raise SystemExit("eval/report.py not found: run the demo from a checkout of entropo-trl")
-    report_module = util.module_from_spec(spec)
-    spec.loader.exec_module(report_module)
-    report = report_module.build_report({"demo pool": pool}, workdir / "report", draws=300)
+    report = build_report({"demo pool": pool}, workdir / "report", draws=300)
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     _say("6/6 select + report", f"verifier scores, hybrid selection, report -> {report}")
     resolved = sum(t.passed for t in chosen.values())
@@ -378,7 +371,9 @@ def run_demo(
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="entropo demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--workdir", default="demo_out")
     parser.add_argument("--tasks", type=int, default=4)
     parser.add_argument("--samples", type=int, default=2, help="rollouts per task and per policy")

@@ -5,6 +5,7 @@ of a target family (Qwen3 ChatML, Gemma-3, GLM-4.5; the templates are TRL's stor
 `build_tiny_model(tokenizer)` makes a randomly initialised Qwen3-architecture causal LM sized to that vocabulary.
 """
 
+import random
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -116,3 +117,47 @@ def build_tiny_model(
     model = Qwen3ForCausalLM(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def synthetic_pool(instances: int = 500, per_instance: int = 16, seed: int = 0) -> dict[str, list]:
+    """A seeded pool of labelled trajectories, `{instance_id: [Trajectory, ...]}`, for the selector's benchmark and
+    the report's tests: each instance has a difficulty, each candidate a random number of tool-call steps, a reward,
+    regression counts (a resolved patch breaks none) and a verifier probability that leans towards the truth."""
+    from .data.trajectory import Trajectory
+
+    rng = random.Random(seed)
+    pool = {}
+    for i in range(instances):
+        difficulty = rng.random()
+        group = []
+        for k in range(per_instance):
+            steps = rng.randint(5, 60)
+            messages = [{"role": "system", "content": "agent"}, {"role": "user", "content": f"issue {i}"}]
+            for s in range(steps):
+                messages.append(
+                    {
+                        "role": "assistant",
+                        "content": f"thought {s} <function=execute_bash>\n"
+                        f"<parameter=cmd>cmd {rng.randint(0, 9)}</parameter>\n</function>",
+                    }
+                )
+                messages.append({"role": "user", "content": "ok"})
+            passed = rng.random() > difficulty
+            # a resolved patch passes every PASS_TO_PASS test; an unresolved one breaks some of them, or none
+            failures = 0 if passed or rng.random() < 0.5 else rng.randint(1, 4)
+            group.append(
+                Trajectory(
+                    instance_id=f"inst-{i}",
+                    messages=messages,
+                    reward=float(passed),
+                    finished=rng.random() < 0.85,
+                    num_steps=steps,
+                    patch=f"diff {i} {k % 5}",
+                    regression_pass_count=10 - failures,
+                    regression_fail_count=failures,
+                    verifier_prob=min(1.0, max(0.0, rng.gauss(0.7 if passed else 0.3, 0.2))),
+                    episode_id=f"{i}/{k}",
+                )
+            )
+        pool[f"inst-{i}"] = group
+    return pool

@@ -3,7 +3,7 @@
 `--model` picks `recipes/<model-slug>/edpo.yaml` (override with `--config FILE`); any field can be set on the
 command line. See the README's "Training recipes" section."""
 
-from entropo_trl.recipes import run_stage
+from entropo_trl.train import run_stage
 
 if __name__ == "__main__":
     run_stage("edpo")

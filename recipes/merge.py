@@ -2,7 +2,7 @@
 
 The merged model is the next stage's policy start and reference. `--push_to_hub --hub_model_id ID` pushes it."""
 
-from entropo_trl.recipes import merge_adapter
+from entropo_trl.train import merge_adapter
 
 if __name__ == "__main__":
     merge_adapter()

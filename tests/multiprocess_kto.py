@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 
-sys.path.insert(0, str(Path(__file__).parent))
-from conftest import load_model, manual_logps, multi_turn_kto_rows, perturbed, training_kwargs  # noqa: E402
+# run as a script: its folder (tests/) is first on the module path, so `helpers` imports as in the tests
+from helpers import load_model, manual_logps, multi_turn_kto_rows, perturbed, training_kwargs  # noqa: E402
 
 from entropo_trl import EntroKTOConfig, EntroKTOTrainer  # noqa: E402
 from entropo_trl.testing import build_tiny_model, build_tiny_tokenizer  # noqa: E402

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from test_trajectory import traj
 
-from entropo_trl.data_cli import main as data_main
+from entropo_trl.data.cli import main as data_main
+from entropo_trl.data.trajectory import read_trajectories, write_trajectories
 from entropo_trl.rollout.tasks import load_tasks
 from entropo_trl.rollout.toy import make_toy_tasks
-from entropo_trl.trajectory import read_trajectories, write_trajectories
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,7 +51,7 @@ def test_output_that_is_the_input_is_refused_through_the_real_command(pool_file,
         [
             sys.executable,
             "-m",
-            "entropo_trl.data_cli",
+            "entropo_trl.data.cli",
             "sft",
             "--input",
             str(pool_file),

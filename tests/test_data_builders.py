@@ -4,7 +4,7 @@ from collections import Counter
 import pytest
 from test_trajectory import traj
 
-from entropo_trl.data import (
+from entropo_trl.data.builders import (
     CONDENSED,
     VERIFIER_SYSTEM_PROMPT,
     build_dpo_pairs,
@@ -14,9 +14,15 @@ from entropo_trl.data import (
     kto_class_weights,
     verifier_prompt,
 )
-from entropo_trl.sharegpt import export_sharegpt, from_sharegpt, import_sharegpt, sharegpt_dataset_info, to_sharegpt
-from entropo_trl.trajectory import Trajectory
-from entropo_trl.truncation import count_tokens
+from entropo_trl.data.sharegpt import (
+    export_sharegpt,
+    from_sharegpt,
+    import_sharegpt,
+    sharegpt_dataset_info,
+    to_sharegpt,
+)
+from entropo_trl.data.trajectory import Trajectory
+from entropo_trl.data.truncation import count_tokens
 
 
 def pool():
@@ -222,7 +228,7 @@ def test_sharegpt_import_of_authors_rows_and_errors():
 def test_verifier_prompt_keeps_condensing_until_it_fits():
     """Over the budgets where condensing is needed: every prompt fits, some fit only by condensing, and an error
     comes only when even the fully condensed prompt is over the budget."""
-    from entropo_trl.truncation import TruncationError
+    from entropo_trl.data.truncation import TruncationError
 
     t = traj("V", 1.0, turns=3)
     t.messages[3]["content"] = "x" * 102

@@ -8,8 +8,8 @@ import datasets
 import pytest
 from test_data_builders import pool
 
-from entropo_trl.data_cli import main, percentiles
-from entropo_trl.trajectory import write_trajectories
+from entropo_trl.data.cli import main, percentiles
+from entropo_trl.data.trajectory import write_trajectories
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -188,7 +188,7 @@ def test_a_broken_json_array_names_its_file(tmp_path):
 
 
 def test_sharegpt_export_keeps_labels_of_verifier_rows_and_refuses_tool_calls():
-    from entropo_trl.sharegpt import export_sharegpt
+    from entropo_trl.data.sharegpt import export_sharegpt
 
     row = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "label": True}
     [exported] = export_sharegpt([row])
@@ -203,7 +203,7 @@ def test_an_unknown_tokenizer_offline_is_one_clear_line(tmp_path):
 
     pool = tmp_path / "pool.jsonl"
     pool.write_text("")
-    command = [sys.executable, "-m", "entropo_trl.data_cli", "sft", "--input", str(pool), "--output"]
+    command = [sys.executable, "-m", "entropo_trl.data.cli", "sft", "--input", str(pool), "--output"]
     command += [str(tmp_path / "sft.jsonl"), "--tokenizer", "nobody/no-such-tokenizer"]
     result = subprocess.run(
         command, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"}

@@ -1,7 +1,7 @@
 import pytest
 import torch
-from conftest import load_model, manual_logps, multi_turn_pairs, perturbed, single_turn_pairs, training_kwargs
 from datasets import Dataset
+from helpers import load_model, manual_logps, multi_turn_pairs, perturbed, single_turn_pairs, training_kwargs
 from trl import DPOConfig, DPOTrainer
 
 from entropo_trl import EntroDPOConfig, EntroDPOTrainer, entropo_dpo_loss
@@ -60,7 +60,7 @@ def _batch(trainer, indices):
 def test_real_trajectories_logps_are_assistant_token_sums(tmp_path):
     """On real SWE-smith trajectories the trainer's per-sequence log-probs are sums over exactly the assistant tokens,
     and its loss at alpha=0.11, beta=0.1 is eq. (6) of those sums."""
-    from conftest import swesmith_rows
+    from helpers import swesmith_rows
 
     from entropo_trl.multiturn import assistant_token_mask
     from entropo_trl.testing import build_tiny_model, build_tiny_tokenizer

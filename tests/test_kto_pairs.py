@@ -4,13 +4,13 @@ import random
 
 import pytest
 import torch
-from conftest import load_model, manual_logps, perturbed, prompt_of, training_kwargs, trajectory
 from datasets import Dataset
+from helpers import load_model, manual_logps, perturbed, prompt_of, training_kwargs, trajectory
 
 from entropo_trl import EntroKTOConfig, EntroKTOTrainer, entropo_kto_loss
-from entropo_trl.data import build_kto_rows
+from entropo_trl.data.builders import build_kto_rows
+from entropo_trl.data.trajectory import Trajectory
 from entropo_trl.kto_trainer import kl_partners
-from entropo_trl.trajectory import Trajectory
 
 
 @pytest.mark.parametrize("seed", range(40))

@@ -1,7 +1,7 @@
 import pytest
 import torch
-from conftest import load_model, manual_logps, multi_turn_kto_rows, perturbed, training_kwargs
 from datasets import Dataset
+from helpers import load_model, manual_logps, multi_turn_kto_rows, perturbed, training_kwargs
 from trl import KTOConfig, KTOTrainer
 
 from entropo_trl import EntroKTOConfig, EntroKTOTrainer, assistant_token_mask, entropo_kto_loss, entropo_kto_z0
@@ -10,7 +10,7 @@ from entropo_trl import EntroKTOConfig, EntroKTOTrainer, assistant_token_mask, e
 def single_turn_kto_rows(n=4, seed=0):
     import random
 
-    from conftest import sentence
+    from helpers import sentence
 
     rng = random.Random(seed)
     return [
@@ -204,7 +204,7 @@ def test_reference_code_variant_matches_the_authors_formula(tiny_model_dir, toke
 
 
 def test_real_trajectories_logps_are_assistant_token_sums(tmp_path):
-    from conftest import swesmith_rows
+    from helpers import swesmith_rows
 
     from entropo_trl.testing import build_tiny_model, build_tiny_tokenizer
 

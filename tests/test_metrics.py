@@ -4,7 +4,8 @@ from itertools import combinations
 import numpy as np
 import pytest
 
-from entropo_trl.metrics import (
+from entropo_trl.data.trajectory import Trajectory
+from entropo_trl.evaluation.metrics import (
     BestOfN,
     action_sequence,
     best_of_n,
@@ -19,7 +20,6 @@ from entropo_trl.metrics import (
     pass_at_k,
     pool_diversity,
 )
-from entropo_trl.trajectory import Trajectory
 
 # ---------------------------------------------------------------------------------------------------------- helpers
 
@@ -301,7 +301,7 @@ def test_pool_diversity():
 def test_pure_python_levenshtein_matches_the_accelerated_one(monkeypatch):
     import random
 
-    from entropo_trl import metrics
+    from entropo_trl.evaluation import metrics
 
     pytest.importorskip("rapidfuzz")  # otherwise both sides would be the pure-Python version
     assert metrics._rapidfuzz_levenshtein is not None

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import trl
-from conftest import (
+from helpers import (
     load_swesmith,
     multi_turn_kto_rows,
     multi_turn_pairs,

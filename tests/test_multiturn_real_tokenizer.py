@@ -2,7 +2,7 @@
 trajectories (`../shared/fixtures/`, read in place: the tests skip when the folder is absent)."""
 
 import pytest
-from conftest import FIXTURES, load_swesmith
+from helpers import FIXTURES, load_swesmith
 from test_multiturn import masks_both_ways
 
 from entropo_trl import assistant_token_mask, tokenize_prompt_completion

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import multi_turn_kto_rows, multi_turn_pairs
+from helpers import multi_turn_kto_rows, multi_turn_pairs
 from safetensors.torch import load_file
 from trl import ModelConfig, SFTConfig
 
 from entropo_trl import EntroDPOConfig, EntroKTOConfig
-from entropo_trl.recipes import RECIPES_DIR, RecipeArguments, merge_adapter, model_slug, parse_recipe, run_stage
+from entropo_trl.train import RECIPES_DIR, RecipeArguments, merge_adapter, model_slug, parse_recipe, run_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {

@@ -4,10 +4,8 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from selection import synthetic_pool  # noqa: E402  (the benchmark's pool generator)
-
-from entropo_trl.trajectory import write_trajectories  # noqa: E402
+from entropo_trl.data.trajectory import write_trajectories
+from entropo_trl.testing import synthetic_pool
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,7 +58,7 @@ def test_report_builds_with_non_empty_figures(tmp_path):
 def test_select_cli_writes_one_choice_per_instance(tmp_path):
     from test_selection import candidates
 
-    from entropo_trl.trajectory import read_trajectories
+    from entropo_trl.data.trajectory import read_trajectories
 
     write_trajectories(tmp_path / "pool.jsonl", candidates())
     result = subprocess.run(
@@ -105,13 +103,10 @@ def test_select_cli_writes_one_choice_per_instance(tmp_path):
 
 def test_figures_mark_only_measured_n_and_alpha(tmp_path, monkeypatch):
     """The best-of-N axis shows whole N (1.5 rollouts is no setting), the alpha axis the trained alphas only."""
-    import importlib.util
-
     from matplotlib.figure import Figure
 
-    spec = importlib.util.spec_from_file_location("entropo_eval_report", ROOT / "eval" / "report.py")
-    report = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(report)
+    from entropo_trl.evaluation import report
+
     ticks, savefig = {}, Figure.savefig
 
     def spy(self, path, *args, **kwargs):

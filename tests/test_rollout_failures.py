@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
+from entropo_trl.data.trajectory import read_trajectories
 from entropo_trl.rollout.cli import main
 from entropo_trl.rollout.runner import EpisodeClaims, claims_path, errors_path
 from entropo_trl.rollout.scaffold import Action
 from entropo_trl.rollout.serve import serve_scripted
 from entropo_trl.rollout.toy import CONFTEST_REWARD_HACK, make_toy_tasks
-from entropo_trl.trajectory import read_trajectories
 
 FAST_CLIENT = ["--max_retries", "1", "--retry_backoff", "0.01", "--request_timeout", "5"]
 

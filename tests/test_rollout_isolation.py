@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from entropo_trl.data.trajectory import read_trajectories
 from entropo_trl.rollout.cli import main
 from entropo_trl.rollout.scaffold import Action
 from entropo_trl.rollout.serve import serve_scripted
 from entropo_trl.rollout.toy import make_toy_tasks
-from entropo_trl.trajectory import read_trajectories
 
 pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed")
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from entropo_trl.data.trajectory import Trajectory, parse_pytest_statuses
 from entropo_trl.rollout.oracle import (
     OracleError,
     evaluate_patch,
@@ -20,7 +21,6 @@ from entropo_trl.rollout.oracle import (
 from entropo_trl.rollout.runner import default_sandbox_factory
 from entropo_trl.rollout.tasks import DEFAULT_TEST_COMMAND, task_from_swebench
 from entropo_trl.rollout.toy import CONFTEST_REWARD_HACK, make_toy_tasks
-from entropo_trl.trajectory import Trajectory, parse_pytest_statuses
 
 GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
 

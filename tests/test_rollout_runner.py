@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from entropo_trl.data.trajectory import ReadStats, parse_pytest_statuses, read_trajectories
 from entropo_trl.demo import solving_step
 from entropo_trl.rollout.client import ChatClient
 from entropo_trl.rollout.oracle import evaluate_patch
@@ -25,7 +26,6 @@ from entropo_trl.rollout.scaffold import Action
 from entropo_trl.rollout.serve import serve_scripted
 from entropo_trl.rollout.tasks import load_tasks, task_from_swebench
 from entropo_trl.rollout.toy import make_toy_tasks
-from entropo_trl.trajectory import ReadStats, parse_pytest_statuses, read_trajectories
 
 ROOT = Path(__file__).resolve().parents[1]
 

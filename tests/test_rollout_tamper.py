@@ -3,11 +3,11 @@
 import re
 from pathlib import Path
 
+from entropo_trl.data.trajectory import read_trajectories
 from entropo_trl.rollout.cli import main
 from entropo_trl.rollout.scaffold import Action
 from entropo_trl.rollout.serve import serve_scripted
 from entropo_trl.rollout.toy import CONFTEST_REWARD_HACK, make_toy_tasks
-from entropo_trl.trajectory import read_trajectories
 
 
 def _workdir(messages):

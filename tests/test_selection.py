@@ -1,5 +1,4 @@
 import asyncio
-import importlib.util
 import json
 import math
 import random
@@ -8,13 +7,13 @@ import threading
 import time
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 from test_trajectory import _fixture, traj
 
-from entropo_trl.selection import (
+from entropo_trl.data.trajectory import Trajectory, read_trajectories, write_trajectories
+from entropo_trl.evaluation.selection import (
     PRESETS,
     HybridSelector,
     SelectorConfig,
@@ -23,7 +22,6 @@ from entropo_trl.selection import (
     score_with_endpoint,
     score_with_model,
 )
-from entropo_trl.trajectory import Trajectory, read_trajectories, write_trajectories
 
 
 def candidates():
@@ -281,7 +279,7 @@ def test_unknown_fail_counts_fall_back_to_the_most_passes_and_say_so(caplog):
     for t in pool:
         t.regression_fail_count = None
     selector = HybridSelector("paper-lite")
-    with caplog.at_level("WARNING", logger="entropo_trl.selection"):
+    with caplog.at_level("WARNING", logger="entropo_trl.evaluation.selection"):
         first = selector.select(pool)
         second = selector.select(pool)
     assert first.index == second.index == 0  # the most passes
@@ -307,17 +305,16 @@ def test_mixed_fail_counts_rank_free_then_unknown_then_failing():
 
 
 def test_selections_from_the_cli_report_unknown_fail_counts(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("eval_select", Path(__file__).parents[1] / "eval" / "select.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    from entropo_trl.evaluation.cli import select_main
+
     pool = tmp_path / "pool.jsonl"
     write_trajectories(pool, [*regression_pool(), *candidates()])  # fail counts known for G, unknown for I
     output = tmp_path / "selected.jsonl"
-    assert module.main(["--pool", str(pool), "--preset", "paper-verified", "--output", str(output)]) == 0
+    assert select_main(["--pool", str(pool), "--preset", "paper-verified", "--output", str(output)]) == 0
     printed = capsys.readouterr().out
     assert "regression fail counts unknown, most passes kept: 1 of 2 instances" in printed
     assert (
-        module.main(["--pool", str(pool), "--preset", "authors-lite", "--tie_break", "index", "--output", str(output)])
+        select_main(["--pool", str(pool), "--preset", "authors-lite", "--tie_break", "index", "--output", str(output)])
         == 0
     )
     assert "ties: index" in capsys.readouterr().out
@@ -430,7 +427,7 @@ def test_concurrent_endpoint_scores_stay_with_their_trajectories():
 
 
 def test_local_model_scores_are_probabilities(tokenizer, tiny_model_dir):
-    from conftest import load_model
+    from helpers import load_model
 
     model = load_model(tiny_model_dir)
     trajectories = [traj("a", 1.0), traj("b", 0.0, turns=3)]
@@ -446,7 +443,7 @@ def test_local_scores_read_where_the_verifier_was_trained(family):
 
     import torch
 
-    from entropo_trl.data import verifier_prompt
+    from entropo_trl.data.builders import verifier_prompt
     from entropo_trl.testing import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer(family)

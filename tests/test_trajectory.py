@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from entropo_trl.trajectory import (
+from entropo_trl.data.trajectory import (
     ReadStats,
     Trajectory,
     TrajectoryFormatError,
@@ -173,7 +173,7 @@ def test_a_complete_last_record_without_its_newline_is_kept(tmp_path):
 
 CONCURRENT_WRITER = """
 import sys
-from entropo_trl.trajectory import Trajectory, write_trajectories
+from entropo_trl.data.trajectory import Trajectory, write_trajectories
 big = "x" * 3_000_000
 for i in range(6):
     write_trajectories(sys.argv[1], [Trajectory(instance_id=f"big{i}", reward=1.0, messages=[
@@ -200,7 +200,7 @@ def test_concurrent_writers_lose_nothing(tmp_path):
 
 WRITER = """
 import sys
-from entropo_trl.trajectory import Trajectory, write_trajectories
+from entropo_trl.data.trajectory import Trajectory, write_trajectories
 big = "x" * 2_000_000
 def records():
     i = 0
@@ -471,7 +471,7 @@ def test_r2e_finished_marker_is_dropped(tmp_path):
 def test_swesmith_lines_keep_what_they_say_and_defaults_are_counted(tmp_path):
     import json
 
-    from entropo_trl.trajectory import ReadStats, read_trajectories
+    from entropo_trl.data.trajectory import ReadStats, read_trajectories
 
     messages = [
         {"role": "system", "content": "s"},

@@ -5,8 +5,8 @@ steps at α = β, the policy moved away from the reference first."""
 import random
 
 import pytest
-from conftest import load_model, perturbed, sentence, single_turn_pairs, training_kwargs
 from datasets import Dataset
+from helpers import load_model, perturbed, sentence, single_turn_pairs, training_kwargs
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
 from entropo_trl import EntroDPOConfig, EntroDPOTrainer, EntroKTOConfig, EntroKTOTrainer
@@ -121,7 +121,7 @@ def test_kto_matches_trl_on_single_turn_rows_with_default_masks(layout, tiny_mod
 
 def test_single_turn_rows_score_the_end_of_turn_as_trl_does(tiny_model_dir, tokenizer, tmp_path):
     """TRL scores `'...<|im_end|>\\n'` for a single assistant message; multi-turn rows keep the assistant-only masks."""
-    from conftest import multi_turn_pairs
+    from helpers import multi_turn_pairs
 
     rows = single_turn_pairs(2) + multi_turn_pairs(2)
     args = EntroDPOConfig(**training_kwargs(tmp_path))

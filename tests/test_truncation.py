@@ -1,7 +1,7 @@
 import pytest
 from test_trajectory import _fixture, traj
 
-from entropo_trl.truncation import TruncationError, count_tokens, shorten_text, truncate_trajectory
+from entropo_trl.data.truncation import TruncationError, count_tokens, shorten_text, truncate_trajectory
 
 
 def _long_observation_trajectory():

@@ -45,7 +45,7 @@ PRESETS = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="entropo-rollout", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="entropo rollout", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--tasks", required=True, help="a folder of local tasks or a SWE-bench-format JSON/JSONL file")
     parser.add_argument("--pool", required=True, help="the JSONL pool to append trajectories to")

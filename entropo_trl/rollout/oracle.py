@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..trajectory import Trajectory, parse_pytest_statuses
+from ..data.trajectory import Trajectory, parse_pytest_statuses
 from .sandbox import CommandResult, Sandbox
 from .tasks import DEFAULT_TEST_COMMAND, Task
 

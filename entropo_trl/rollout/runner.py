@@ -45,7 +45,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..trajectory import Trajectory, write_trajectories
+from ..data.trajectory import Trajectory, write_trajectories
 from .client import ChatClient, ContextLimitExceeded, LLMError, SamplingParams, estimate_prompt_tokens
 from .oracle import evaluate_patch
 from .sandbox import SANDBOX_BACKENDS, Sandbox, make_sandbox, sweep_stale_sandboxes

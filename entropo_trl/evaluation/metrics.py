@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .trajectory import Trajectory
+from ..data.trajectory import Trajectory
 
 Pool = Mapping[str, Sequence[Trajectory]]
 Ranker = Callable[[list[Trajectory]], Sequence[int]]

@@ -27,7 +27,7 @@ p(YES) > 0.01 (else all), then the longest / shortest history, the first in the 
 
 Because every stage either filters (with that fallback) or keeps a maximum, the selector is the maximum of a
 lexicographic key: [`HybridSelector.rank`] gives every candidate a rank such that selecting from any subset is taking
-its highest-ranked member (what the best-of-N estimates in [`entropo_trl.metrics`] use).
+its highest-ranked member (what the best-of-N estimates in [`entropo_trl.evaluation.metrics`] use).
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ from typing import Any
 
 import numpy as np
 
-from .data import verifier_prompt
-from .trajectory import Trajectory
+from ..data.builders import verifier_prompt
+from ..data.trajectory import Trajectory
 
 logger = logging.getLogger(__name__)
 
@@ -323,7 +323,7 @@ async def score_with_endpoint(
     queried concurrently. Scores come back in the trajectories' order, each computed from its own response (never
     by completion order). A trajectory whose prompt cannot fit, or whose answer has no judgement, scores None.
     With `assign`, `trajectory.verifier_prob` is set."""
-    from .rollout.client import ContextLimitExceeded, LLMError, SamplingParams
+    from ..rollout.client import ContextLimitExceeded, LLMError, SamplingParams
 
     semaphore = asyncio.Semaphore(concurrency)
     sampling = SamplingParams(temperature=0.0, top_p=1.0, top_k=None, repetition_penalty=None, max_tokens=16)

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .data import Rows, build_dpo_pairs, build_kto_rows, build_sft_rows, build_verifier_rows, row_messages
+from .builders import Rows, build_dpo_pairs, build_kto_rows, build_sft_rows, build_verifier_rows, row_messages
 from .sharegpt import export_sharegpt, import_sharegpt, sharegpt_dataset_info
 from .trajectory import FORMATS, ReadStats, read_trajectories
 from .truncation import count_tokens
@@ -106,7 +106,7 @@ def _load_tokenizer(name: str | None):
         return None
     from transformers import AutoTokenizer
 
-    from .loading import load_pretrained
+    from ..loading import load_pretrained
 
     return load_pretrained(AutoTokenizer, name, "tokenizer (--tokenizer)")
 
@@ -151,7 +151,7 @@ def _read_json_rows(paths: list[str]) -> Iterator[dict[str, Any]]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="entropo-data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="entropo data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     commands = parser.add_subparsers(dest="command", required=True)
 

@@ -1,8 +1,9 @@
-"""Shared plumbing of the training recipes in `recipes/` (SFT, EntroPO-DPO, EntroPO-KTO, verifier, merge).
+"""The training recipes (SFT, EntroPO-DPO, EntroPO-KTO, verifier, merge): `entropo train STAGE` and the scripts in
+`recipes/`.
 
 Arguments come from, lowest to highest priority: the dataclasses' defaults, the model's recipe YAML
-(`recipes/<model-slug>/<stage>.yaml`, picked by `--model ID`, or any file given with `--config`), then command-line
-flags. Unknown YAML keys are errors (TRL's `TrlParser`).
+(`entropo_trl/recipes/<model-slug>/<stage>.yaml`, shipped with the package and picked by `--model ID`, or any file
+given with `--config`), then command-line flags. Unknown YAML keys are errors (TRL's `TrlParser`).
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ import os
 import re
 import sys
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+# the recipe YAMLs are package data (`recipes/` in a checkout links to them), so `--model` works from a wheel too
+RECIPES_DIR = Path(str(resources.files("entropo_trl") / "recipes"))
 STAGES = ("sft", "edpo", "ekto", "verifier")
 
 
@@ -424,3 +427,30 @@ def merge_adapter(argv: list[str] | None = None) -> str:
             repo_id=args.hub_model_id, folder_path=args.output_dir, commit_message="entropo-trl: merged LoRA adapter"
         )
     return args.output_dir
+
+
+TRAIN_USAGE = f"""usage: entropo train STAGE --model MODEL_ID --dataset_name DATA [--flag value ...]
+
+STAGE is one of {", ".join(STAGES)}. `--model` picks the model's recipe YAML (models with recipes: see
+`entropo_trl/recipes/`); `--config FILE` gives another. Every field of the stage's TRL config can be set as a flag:
+`entropo train STAGE --help` lists them. Launch on GPUs with `accelerate launch -m entropo_trl.cli train STAGE ...` or
+the stage scripts in `recipes/` (`accelerate launch recipes/ekto.py ...`)."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`entropo train STAGE ...`: run one stage (resuming from its last checkpoint)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(TRAIN_USAGE)
+        return 0
+    if argv[0] not in STAGES:
+        print(f"entropo train: unknown stage {argv[0]!r}\n\n{TRAIN_USAGE}", file=sys.stderr)
+        return 2
+    run_stage(argv[0], argv[1:])
+    return 0
+
+
+def merge_main(argv: list[str] | None = None) -> int:
+    """`entropo merge --adapter DIR --output_dir DIR`: merge a LoRA adapter into its base model."""
+    print(f"merged model: {merge_adapter(argv)}")
+    return 0
