@@ -174,10 +174,10 @@ def run_demo(
         _say("2/6 tasks", f"{len(tasks)} toy repositories with a planted bug -> {workdir / 'tasks'}")
 
     # 3. rollouts
+    from .data.trajectory import read_trajectories
     from .rollout.client import ChatClient, SamplingParams
     from .rollout.runner import RolloutConfig, run_rollouts
     from .rollout.serve import serve_scripted, serve_transformers
-    from .data.trajectory import read_trajectories
 
     pool_path = workdir / "pool.jsonl"
     # local sandboxes live in the demo's folder: what an interrupted run leaves behind is removed with it

@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..rollout.oracle import is_test_infrastructure, split_patch
 from ..data.trajectory import Trajectory
+from ..rollout.oracle import is_test_infrastructure, split_patch
 
 logger = logging.getLogger(__name__)
 
