@@ -172,6 +172,50 @@ def tokenize_like_trl(tokenizer, example, keys: tuple[str, ...], dataset_name: s
     return out
 
 
+def map_options(dataset, args, dataset_name: str, description: str | None = None) -> dict[str, Any]:
+    """`Dataset.map` / `filter` options: worker processes and a progress-bar description for map-style datasets
+    (an `IterableDataset` takes neither)."""
+    from datasets import Dataset
+
+    if not isinstance(dataset, Dataset):
+        return {}
+    options: dict[str, Any] = {"num_proc": args.dataset_num_proc}
+    if description:
+        options["desc"] = f"{description} ({dataset_name} dataset)"
+    return options
+
+
+def ensure_prompt(dataset, args, dataset_name: str):
+    """Rows given as whole `chosen` / `rejected` conversations get their shared `prompt` split off (TRL's
+    `extract_prompt`)."""
+    from trl.data_utils import extract_prompt
+
+    first = next(iter(dataset))
+    if "prompt" in first:
+        return dataset
+    for key in ("chosen", "rejected"):
+        if key not in first:
+            raise ValueError(f"{dataset_name} dataset has no 'prompt' column and no '{key}' column")
+    return dataset.map(extract_prompt, **map_options(dataset, args, dataset_name, "Extracting the prompt"))
+
+
+def drop_fully_truncated(dataset, args, dataset_name: str, logger):
+    """Drop rows whose prompt alone fills `max_length` (no completion token left to train on), counted in a warning."""
+    from datasets import Dataset
+
+    if args.max_length is None:
+        return dataset
+    before = len(dataset) if isinstance(dataset, Dataset) else None
+    options = map_options(dataset, args, dataset_name, "Dropping fully truncated rows")
+    dataset = dataset.filter(_shorter_than, fn_kwargs={"max_length": args.max_length}, **options)
+    if before is not None and len(dataset) < before:
+        logger.warning(
+            f"Dropped {before - len(dataset)} of {before} {dataset_name} rows whose prompt alone fills "
+            f"max_length={args.max_length}: they have no completion token left to train on."
+        )
+    return dataset
+
+
 def _shorter_than(example, max_length):
     """Keep rows whose prompt leaves room for completion tokens (a module-level function, so the dataset fingerprint
     depends on `max_length` only and cached reference log-probs survive changes to unrelated arguments)."""

@@ -20,7 +20,7 @@ from accelerate.logging import get_logger
 from datasets import Dataset, IterableDataset
 from transformers import PreTrainedTokenizerBase
 from trl import DPOTrainer
-from trl.data_utils import common_prefix_length, extract_prompt
+from trl.data_utils import common_prefix_length
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import global_then_local_main_first
 
@@ -28,8 +28,10 @@ from ._common import (
     ENTROPO_PAPER,
     AssistantMaskMixin,
     _masks_tensor,
-    _shorter_than,
     check_trainer_args,
+    drop_fully_truncated,
+    ensure_prompt,
+    map_options,
     resolve_tokenizer,
     single_message_completions,
     swapped_attributes,
@@ -102,11 +104,7 @@ class EntroDPOTrainer(AssistantMaskMixin, DPOTrainer):
         train_dataset: Dataset | IterableDataset | None = None,
         eval_dataset=None,
         processing_class: PreTrainedTokenizerBase | None = None,
-        compute_metrics=None,
-        callbacks=None,
-        optimizers=(None, None),
-        quantization_config=None,
-        peft_config=None,
+        **kwargs,
     ):
         args = check_trainer_args(model, args, EntroDPOConfig, DPO_UNSUPPORTED, "EntroDPOTrainer", train_dataset)
         processing_class = resolve_tokenizer(model, processing_class, args, "EntroDPOTrainer")
@@ -133,11 +131,7 @@ class EntroDPOTrainer(AssistantMaskMixin, DPOTrainer):
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             processing_class=processing_class,
-            compute_metrics=compute_metrics,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            quantization_config=quantization_config,
-            peft_config=peft_config,
+            **kwargs,
         )
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -150,18 +144,8 @@ class EntroDPOTrainer(AssistantMaskMixin, DPOTrainer):
         if not self._uses_assistant_masks(dataset, args):
             return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
         tokenizer = processing_class
-        map_kwargs: dict[str, Any] = {}
-        if isinstance(dataset, Dataset):
-            map_kwargs["num_proc"] = args.dataset_num_proc
         with global_then_local_main_first():
-            first = next(iter(dataset))
-            if "prompt" not in first:
-                for key in ("chosen", "rejected"):
-                    if key not in first:
-                        raise ValueError(f"{dataset_name} dataset has no '{key}' column")
-                if isinstance(dataset, Dataset):
-                    map_kwargs["desc"] = f"Extracting prompt from {dataset_name} dataset"
-                dataset = dataset.map(extract_prompt, **map_kwargs)
+            dataset = ensure_prompt(dataset, args, dataset_name)
 
             def tokenize(example, index):
                 if single_message_completions(example, ("chosen", "rejected")):  # single-turn: exactly as TRL
@@ -182,19 +166,10 @@ class EntroDPOTrainer(AssistantMaskMixin, DPOTrainer):
                     out[f"{key}_assistant_mask"] = [0] * len(moved) + tokens["completion_mask"]
                 return out
 
-            if isinstance(dataset, Dataset):
-                map_kwargs["desc"] = f"Tokenizing {dataset_name} dataset with assistant-only masks"
-            dataset = dataset.map(tokenize, with_indices=True, **map_kwargs)
-            if args.max_length is not None and args.truncation_mode == "keep_start":
-                before = len(dataset) if isinstance(dataset, Dataset) else None
-                if isinstance(dataset, Dataset):
-                    map_kwargs["desc"] = f"Dropping fully truncated examples from {dataset_name} dataset"
-                dataset = dataset.filter(_shorter_than, fn_kwargs={"max_length": args.max_length}, **map_kwargs)
-                if before is not None and len(dataset) < before:
-                    logger.warning(
-                        f"Dropped {before - len(dataset)} of {before} {dataset_name} rows whose prompt alone fills "
-                        f"max_length={args.max_length}: they have no completion token left to train on."
-                    )
+            options = map_options(dataset, args, dataset_name, "Tokenizing with assistant-only masks")
+            dataset = dataset.map(tokenize, with_indices=True, **options)
+            if args.truncation_mode == "keep_start":
+                dataset = drop_fully_truncated(dataset, args, dataset_name, logger)
         return dataset
 
     # ----------------------------------------------------------------------------------------------------------------

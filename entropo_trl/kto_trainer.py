@@ -34,7 +34,7 @@ from accelerate.logging import get_logger
 from datasets import Dataset, IterableDataset, concatenate_datasets
 from transformers import PreTrainedTokenizerBase
 from trl import KTOTrainer
-from trl.data_utils import extract_prompt, unpair_preference_dataset
+from trl.data_utils import unpair_preference_dataset
 from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference
 from trl.trainer.utils import global_then_local_main_first
 
@@ -42,8 +42,10 @@ from ._common import (
     ENTROPO_PAPER,
     AssistantMaskMixin,
     _masks_tensor,
-    _shorter_than,
     check_trainer_args,
+    drop_fully_truncated,
+    ensure_prompt,
+    map_options,
     resolve_tokenizer,
     row_error,
     single_message_completions,
@@ -185,11 +187,7 @@ class EntroKTOTrainer(AssistantMaskMixin, KTOTrainer):
         eval_dataset=None,
         processing_class: PreTrainedTokenizerBase | None = None,
         data_collator=None,
-        compute_metrics=None,
-        callbacks=None,
-        optimizers=(None, None),
-        quantization_config=None,
-        peft_config=None,
+        **kwargs,
     ):
         args = check_trainer_args(model, args, EntroKTOConfig, KTO_UNSUPPORTED, "EntroKTOTrainer", train_dataset)
         processing_class = resolve_tokenizer(model, processing_class, args, "EntroKTOTrainer")
@@ -221,11 +219,7 @@ class EntroKTOTrainer(AssistantMaskMixin, KTOTrainer):
                 eval_dataset=eval_dataset,
                 processing_class=processing_class,
                 data_collator=data_collator,
-                compute_metrics=compute_metrics,
-                callbacks=callbacks,
-                optimizers=optimizers,
-                quantization_config=quantization_config,
-                peft_config=peft_config,
+                **kwargs,
             )
         self.loss_type, self.calculate_KL = "kto", True
 
@@ -246,24 +240,12 @@ class EntroKTOTrainer(AssistantMaskMixin, KTOTrainer):
         return self._add_kl_samples(dataset, args, dataset_name)
 
     def _tokenize_with_assistant_masks(self, dataset, tokenizer, args, dataset_name):
-        map_kwargs: dict[str, Any] = {}
-        if isinstance(dataset, Dataset):
-            map_kwargs["num_proc"] = args.dataset_num_proc
-
-        def describe(text):
-            if isinstance(dataset, Dataset):
-                map_kwargs["desc"] = f"{text} {dataset_name} dataset"
-
         with global_then_local_main_first():
-            first = next(iter(dataset))
-            if "prompt" not in first:
-                describe("Extracting prompt from")
-                dataset = dataset.map(extract_prompt, **map_kwargs)
+            dataset = ensure_prompt(dataset, args, dataset_name)
             first = next(iter(dataset))
             if "chosen" in first and "rejected" in first:
-                describe("Unpairing")
-                dataset = unpair_preference_dataset(dataset, **map_kwargs)
-            first = next(iter(dataset))
+                dataset = unpair_preference_dataset(dataset, **map_options(dataset, args, dataset_name, "Unpairing"))
+                first = next(iter(dataset))
             if "label" not in first:
                 raise ValueError(f"{dataset_name} dataset has no 'label' column (True = desirable trajectory)")
 
@@ -272,29 +254,17 @@ class EntroKTOTrainer(AssistantMaskMixin, KTOTrainer):
                     raise row_error(dataset_name, index, "label", f"expected a bool, got {example['label']!r}")
                 if single_message_completions(example, ("completion",)):  # single-turn: exactly as TRL
                     tokens = tokenize_like_trl(tokenizer, example, ("completion",), dataset_name, index)
-                    return {
-                        "prompt_ids": tokens["prompt_ids"],
-                        "completion_ids": tokens["completion_ids"],
-                        "completion_assistant_mask": tokens["completion_mask"],
-                    }
-                tokens = tokenize_row_completion(tokenizer, example, "completion", dataset_name, index)
+                else:
+                    tokens = tokenize_row_completion(tokenizer, example, "completion", dataset_name, index)
                 return {
                     "prompt_ids": tokens["prompt_ids"],
                     "completion_ids": tokens["completion_ids"],
                     "completion_assistant_mask": tokens["completion_mask"],
                 }
 
-            describe("Tokenizing with assistant-only masks")
-            dataset = dataset.map(tokenize, with_indices=True, **map_kwargs)
-            if args.max_length is not None:
-                before = len(dataset) if isinstance(dataset, Dataset) else None
-                describe("Dropping fully truncated examples from")
-                dataset = dataset.filter(_shorter_than, fn_kwargs={"max_length": args.max_length}, **map_kwargs)
-                if before is not None and len(dataset) < before:
-                    logger.warning(
-                        f"Dropped {before - len(dataset)} of {before} {dataset_name} rows whose prompt alone fills "
-                        f"max_length={args.max_length}: they have no completion token left to train on."
-                    )
+            options = map_options(dataset, args, dataset_name, "Tokenizing with assistant-only masks")
+            dataset = dataset.map(tokenize, with_indices=True, **options)
+            dataset = drop_fully_truncated(dataset, args, dataset_name, logger)
             if isinstance(dataset, Dataset):
                 num_desirable = sum(dataset["label"])
                 logger.info(

@@ -11,10 +11,13 @@ from __future__ import annotations
 import os
 import re
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from .model_card import write_model_card
 
 # the recipe YAMLs are package data (`recipes/` in a checkout links to them), so `--model` works from a wheel too
 RECIPES_DIR = Path(str(resources.files("entropo_trl") / "recipes"))
@@ -165,76 +168,6 @@ def load_model_and_tokenizer(model_args, training_args):
     return model, tokenizer
 
 
-MODEL_CARD = """---
-base_model: {base_model}
-library_name: peft
-tags:
-- entropo
-- entropo-trl
-- {stage}
-- trl
----
-
-# {name}
-
-{description} of [{base_model}](https://huggingface.co/{base_model}), trained with
-[entropo-trl](https://github.com/entropo-trl/entropo-trl) {version} on top of TRL {trl_version}.
-
-| setting | value |
-|---|---|
-| stage | {stage} |
-| base model | {base_model} |
-| alpha (α) | {alpha} |
-| beta (β) | {beta} |
-| data | {dataset} |
-| LoRA | {lora} |
-
-α is the absolute coefficient of the policy's log-probs (α = λ + β, λ the entropy-bonus weight); the paper's
-"α = 1.1" is α / β. Method: EntroPO, "Building Coding Agents via Entropy-Enhanced Multi-Turn Preference Optimization".
-"""
-
-DESCRIPTIONS = {
-    "sft": "Supervised fine-tuning (assistant turns only)",
-    "edpo": "EntroPO-DPO",
-    "ekto": "EntroPO-KTO",
-    "verifier": "A trajectory verifier (judgement YES / NO)",
-}
-
-
-def write_model_card(
-    output_dir: str,
-    *,
-    base_model: str,
-    stage: str,
-    dataset: str | None,
-    alpha: Any = None,
-    beta: Any = None,
-    lora: str = "",
-) -> Path:
-    """README.md next to the adapter: base model, stage, α, β, the data and the library."""
-    import trl
-
-    from . import __version__
-
-    path = Path(output_dir) / "README.md"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(
-        MODEL_CARD.format(
-            base_model=base_model,
-            stage=stage,
-            name=Path(output_dir).name,
-            description=DESCRIPTIONS.get(stage, stage),
-            version=__version__,
-            trl_version=trl.__version__,
-            alpha="n/a" if alpha is None else alpha,
-            beta="n/a" if beta is None else beta,
-            dataset=dataset or "n/a",
-            lora=lora or "none",
-        )
-    )
-    return path
-
-
 def run_name(stage: str, model: str, alpha: Any = None, beta: Any = None) -> str:
     """A W&B run name carrying the stage, the model, α and β."""
     parts = [stage, model_slug(model)]
@@ -246,7 +179,7 @@ def run_name(stage: str, model: str, alpha: Any = None, beta: Any = None) -> str
 
 
 def _assistant_only_sft(dataset, tokenizer, max_length: int | None):
-    """Tokenize conversational rows with assistant-only masks (DESIGN §3), so that TRL's SFT trains on assistant
+    """Tokenize conversational rows with assistant-only masks (docs/design.md, 'Which tokens count'), so that TRL's SFT trains on assistant
     turns only with any prefix-preserving chat template (TRL's own `assistant_only_loss` needs `{% generation %}`
     templates)."""
     from .multiturn import assistant_token_mask
@@ -284,7 +217,7 @@ def refuse_kto_rows(dataset, stage: str, name: str) -> None:
     raise SystemExit(
         f"{name}: the {stage} recipe trains on every row, and these are KTO-style rows ('completion' and 'label' "
         f"columns, {failed} of {len(dataset)} labelled false). Build {stage} rows from the pool with {build}, or "
-        "train these with recipes/ekto.py."
+        "train these with `entropo train ekto`."
     )
 
 
@@ -302,45 +235,107 @@ def last_checkpoint(output_dir: str, resume_from_checkpoint: str | None, overwri
     return get_last_checkpoint(output_dir)
 
 
-def run_stage(stage: str, argv: list[str] | None = None):
-    """Parse, load, train and save one stage (`sft`, `edpo`, `ekto`, `verifier`); returns the trainer."""
-    from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config
+def stage_classes(stage: str) -> tuple[type, type]:
+    """The TRL config and trainer classes of a stage."""
+    from trl import SFTConfig, SFTTrainer
 
     from .dpo_config import EntroDPOConfig
     from .dpo_trainer import EntroDPOTrainer
     from .kto_config import EntroKTOConfig
     from .kto_trainer import EntroKTOTrainer
 
-    config_class, trainer_class = {
+    return {
         "sft": (SFTConfig, SFTTrainer),
         "verifier": (SFTConfig, SFTTrainer),
         "edpo": (EntroDPOConfig, EntroDPOTrainer),
         "ekto": (EntroKTOConfig, EntroKTOTrainer),
     }[stage]
-    script_args, training_args, model_args = parse_recipe(stage, (RecipeArguments, config_class, ModelConfig), argv)
-    if model_args.model_name_or_path is None:
-        raise SystemExit("give the model with --model ID (or --model_name_or_path PATH)")
+
+
+def coefficients(training_args) -> tuple[Any, Any]:
+    """(α, β) of a run: α defaults to β (plain DPO / KTO); both None for SFT and the verifier."""
     alpha = getattr(training_args, "alpha", None)
     beta = getattr(training_args, "beta", None)
-    if alpha is None and beta is not None:
-        alpha = beta
-    if training_args.run_name is None or training_args.run_name == training_args.output_dir:
-        training_args.run_name = run_name(stage, model_args.model_name_or_path, alpha, beta)
-    tags = [f"stage:{stage}", f"model:{model_slug(model_args.model_name_or_path)}"]
+    return (beta if alpha is None else alpha), beta
+
+
+@contextmanager
+def wandb_tags(stage: str, model: str, alpha: Any, beta: Any):
+    """Tag the W&B run with the stage, the model, α and β (W&B reads `WANDB_TAGS`): the user's own tags are kept,
+    ours added, and the variable is restored afterwards."""
+    tags = [f"stage:{stage}", f"model:{model_slug(model)}"]
     tags += [f"alpha:{alpha:g}"] if alpha is not None else []
     tags += [f"beta:{beta:g}"] if beta is not None else []
-    user_tags = os.environ.get("WANDB_TAGS")  # W&B's own variable: the user's tags are kept, ours added
+    user_tags = os.environ.get("WANDB_TAGS")
     os.environ["WANDB_TAGS"] = ",".join(([user_tags] if user_tags else []) + tags)
-    model, tokenizer = load_model_and_tokenizer(model_args, training_args)
+    try:
+        yield
+    finally:
+        if user_tags is None:
+            os.environ.pop("WANDB_TAGS", None)
+        else:
+            os.environ["WANDB_TAGS"] = user_tags
+
+
+def stage_datasets(stage: str, script_args: RecipeArguments, training_args, tokenizer) -> tuple:
+    """The train and eval splits, checked for the stage; SFT and verifier conversations get assistant-only masks."""
     train, evaluation = load_recipe_dataset(script_args)
-    if stage in ("sft", "verifier"):
-        refuse_kto_rows(train, stage, script_args.dataset_name)
-        refuse_kto_rows(evaluation, stage, f"{script_args.dataset_name} ({script_args.dataset_test_split})")
-    if stage in ("sft", "verifier") and "messages" in train.column_names:
-        training_args.assistant_only_loss = False  # the masks below do it, for any prefix-preserving template
+    if stage not in ("sft", "verifier"):
+        return train, evaluation
+    refuse_kto_rows(train, stage, script_args.dataset_name)
+    refuse_kto_rows(evaluation, stage, f"{script_args.dataset_name} ({script_args.dataset_test_split})")
+    if "messages" in train.column_names:
+        training_args.assistant_only_loss = False  # the masks do it, for any prefix-preserving template
         train = _assistant_only_sft(train, tokenizer, training_args.max_length)
         if evaluation is not None:
             evaluation = _assistant_only_sft(evaluation, tokenizer, training_args.max_length)
+    return train, evaluation
+
+
+def save_with_card(trainer, stage: str, script_args, model_args, alpha: Any, beta: Any) -> None:
+    """Save the adapter (or model) with its model card, and push both when `--push_to_hub` asks."""
+    output_dir = trainer.args.output_dir
+    trainer.save_model(output_dir)
+    lora = (
+        f"r={model_args.lora_r}, alpha={model_args.lora_alpha}, modules={model_args.lora_target_modules}"
+        if model_args.use_peft
+        else ""
+    )
+    preference = stage in ("edpo", "ekto")
+
+    def card(*_args, **_kwargs) -> None:
+        write_model_card(
+            output_dir,
+            base_model=model_args.model_name_or_path,
+            stage=stage,
+            dataset=script_args.dataset_name,
+            alpha=alpha if preference else None,
+            beta=beta if preference else None,
+            lora=lora,
+        )
+
+    # `Trainer.push_to_hub` writes its model card again just before uploading: have it write this one
+    trainer.create_model_card = card
+    card()
+    if trainer.args.push_to_hub:
+        trainer.push_to_hub(commit_message=f"entropo-trl {stage}")
+
+
+def run_stage(stage: str, argv: list[str] | None = None):
+    """Parse, load, train (resuming from the last checkpoint) and save one stage (`sft`, `edpo`, `ekto`,
+    `verifier`); returns the trainer."""
+    from trl import ModelConfig, get_peft_config
+
+    config_class, trainer_class = stage_classes(stage)
+    script_args, training_args, model_args = parse_recipe(stage, (RecipeArguments, config_class, ModelConfig), argv)
+    if model_args.model_name_or_path is None:
+        raise SystemExit("give the model with --model ID (or --model_name_or_path PATH)")
+    alpha, beta = coefficients(training_args)
+    if training_args.run_name is None or training_args.run_name == training_args.output_dir:
+        training_args.run_name = run_name(stage, model_args.model_name_or_path, alpha, beta)
+
+    model, tokenizer = load_model_and_tokenizer(model_args, training_args)
+    train, evaluation = stage_datasets(stage, script_args, training_args, tokenizer)
     trainer = trainer_class(
         model=model,
         args=training_args,
@@ -349,41 +344,16 @@ def run_stage(stage: str, argv: list[str] | None = None):
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
     )
+
     checkpoint = last_checkpoint(
         training_args.output_dir, training_args.resume_from_checkpoint, script_args.overwrite_output_dir
     )
     if checkpoint is not None:
         print(f"Resuming the {stage} run from {checkpoint} (pass --overwrite_output_dir true to start over)")
-    try:
+    with wandb_tags(stage, model_args.model_name_or_path, alpha, beta):
         trainer.train(resume_from_checkpoint=checkpoint)
-    finally:
-        if user_tags is None:
-            os.environ.pop("WANDB_TAGS", None)
-        else:
-            os.environ["WANDB_TAGS"] = user_tags
-    trainer.save_model(training_args.output_dir)
-    lora = (
-        f"r={model_args.lora_r}, alpha={model_args.lora_alpha}, modules={model_args.lora_target_modules}"
-        if model_args.use_peft
-        else ""
-    )
 
-    def card(*_args, **_kwargs) -> None:
-        write_model_card(
-            training_args.output_dir,
-            base_model=model_args.model_name_or_path,
-            stage=stage,
-            dataset=script_args.dataset_name,
-            alpha=alpha if stage in ("edpo", "ekto") else None,
-            beta=beta if stage in ("edpo", "ekto") else None,
-            lora=lora,
-        )
-
-    # `Trainer.push_to_hub` writes its model card again just before uploading: have it write this one
-    trainer.create_model_card = card
-    card()
-    if training_args.push_to_hub:
-        trainer.push_to_hub(commit_message=f"entropo-trl {stage}")
+    save_with_card(trainer, stage, script_args, model_args, alpha, beta)
     return trainer
 
 

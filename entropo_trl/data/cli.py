@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .builders import Rows, build_dpo_pairs, build_kto_rows, build_sft_rows, build_verifier_rows, row_messages
-from .sharegpt import export_sharegpt, import_sharegpt, sharegpt_dataset_info
+from .sharegpt import export_sharegpt, import_sharegpt, sharegpt_dataset_info, sharegpt_kind, upstream_warning
 from .trajectory import FORMATS, ReadStats, read_trajectories
 from .truncation import count_tokens
 
@@ -214,6 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("sharegpt-export", help="builder rows (JSONL) to LLaMA-Factory ShareGPT")
     common(export, pool=False)
     export.add_argument("--name", help="also write dataset_info.json beside the output with this dataset name")
+    export.add_argument(
+        "--single_turn",
+        action="store_true",
+        help="write each DPO pair's chosen / rejected as one message object (upstream LLaMA-Factory's layout); "
+        "refuses pairs with several messages on a side",
+    )
     imp = commands.add_parser("sharegpt-import", help="LLaMA-Factory ShareGPT rows to builder rows")
     common(imp, pool=False)
     return parser
@@ -228,9 +234,8 @@ def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
         return Path(a).resolve() == Path(b).resolve()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse options that contradict each other or would be ignored (exit status 2, before anything is read)."""
     if args.output is not None:
         for path in args.input:
             if _same_file(args.output, path):
@@ -250,38 +255,42 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--max_tokens must be >= 1, got {args.max_tokens}")
     if args.command == "sharegpt-export" and args.name and not args.output:
         parser.error("--name writes dataset_info.json beside --output: give --output")
-    if args.command == "verifier" and args.tokenizer is None:
-        print(
-            f"[entropo-data verifier] no --tokenizer: the {args.max_tokens}-token budget is estimated at 4 characters "
-            "a token; pass the verifier's tokenizer for exact counts",
-            file=sys.stderr,
-        )
-    if args.command in ("sharegpt-export", "sharegpt-import"):
-        rows = list(_read_json_rows(args.input))
-        converted = list(export_sharegpt(rows) if args.command == "sharegpt-export" else import_sharegpt(rows))
-        exported = args.command == "sharegpt-export"  # ShareGPT rows have no builder messages to measure
-        if exported and args.output and args.output.endswith(".json"):  # LLaMA-Factory reads a JSON array
-            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.output).write_text(json.dumps(converted, ensure_ascii=False, indent=1), encoding="utf-8")
-            written = {"rows": len(converted), "lengths": [], "unit": "characters"}
-            if args.push_to_hub:
-                write_rows(converted, None, args.push_to_hub, description=args.command, measure=False)
-        else:
-            written = write_rows(
-                converted, args.output, args.push_to_hub, description=args.command, measure=not exported
-            )
-        if exported and args.name and args.output:
-            first = converted[0] if converted else {}
-            kind = "dpo" if "chosen" in first else "kto" if "kto_tag" in first else "sft"
-            info = Path(args.output).parent / "dataset_info.json"
-            entries = json.loads(info.read_text()) if info.exists() else {}
-            entries.update(sharegpt_dataset_info(args.name, Path(args.output).name, kind))
-            info.write_text(json.dumps(entries, indent=2))
-        print(_summary(args.command, None, None, written, args.output, args.push_to_hub))
-        return 0
 
-    tokenizer = _load_tokenizer(args.tokenizer)
-    read = ReadStats()
+
+def run_sharegpt(args: argparse.Namespace) -> int:
+    """`sharegpt-export` / `sharegpt-import`: convert builder rows to LLaMA-Factory's ShareGPT layout or back."""
+    rows = list(_read_json_rows(args.input))
+    exported = args.command == "sharegpt-export"  # ShareGPT rows have no builder messages to measure
+    try:
+        converted = list(export_sharegpt(rows, args.single_turn) if exported else import_sharegpt(rows))
+    except ValueError as error:
+        raise SystemExit(f"{', '.join(args.input)}: {error}") from None
+    if exported and args.output and args.output.endswith(".json"):  # LLaMA-Factory reads a JSON array
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(converted, ensure_ascii=False, indent=1), encoding="utf-8")
+        written = {"rows": len(converted), "lengths": [], "unit": "characters"}
+        if args.push_to_hub:
+            write_rows(converted, None, args.push_to_hub, description=args.command, measure=False)
+    else:
+        written = write_rows(converted, args.output, args.push_to_hub, description=args.command, measure=not exported)
+    kinds = {sharegpt_kind(row) for row in converted} if exported else set()
+    if exported and args.name and args.output:
+        info = Path(args.output).parent / "dataset_info.json"
+        entries = json.loads(info.read_text()) if info.exists() else {}
+        kind = sharegpt_kind(converted[0]) if converted else "sft"
+        entries.update(sharegpt_dataset_info(args.name, Path(args.output).name, kind))
+        info.write_text(json.dumps(entries, indent=2))
+    print(_summary(args.command, None, None, written, args.output, args.push_to_hub))
+    for kind in sorted(kinds):
+        warning = upstream_warning(kind, args.single_turn)
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
+    return 0
+
+
+def build_rows(args: argparse.Namespace, tokenizer, read: ReadStats) -> Rows:
+    """Read the pools and build the command's rows (lazily: they stream to the writer)."""
+    default_reward = args.default_reward
     if default_reward is None and args.command == "sft":
         default_reward = 1.0  # SFT keeps teacher runs; SWE-smith / SWE-agent files hold resolved ones only
     trajectories = read_trajectories(
@@ -294,28 +303,32 @@ def main(argv: list[str] | None = None) -> int:
         keep_hints=args.keep_hints,
     )
     finished_only = not args.include_unfinished
+    budget = {"tokenizer": tokenizer, "max_tokens": args.max_tokens}
     if args.command == "sft":
-        rows: Rows = build_sft_rows(
-            trajectories,
-            args.require_success,
-            finished_only=finished_only,
-            tokenizer=tokenizer,
-            max_tokens=args.max_tokens,
+        return build_sft_rows(trajectories, args.require_success, finished_only=finished_only, **budget)
+    if args.command == "dpo":
+        cap = args.max_pairs_per_instance or None
+        return build_dpo_pairs(trajectories, args.policy, cap, args.seed, finished_only=finished_only, **budget)
+    if args.command == "kto":
+        return build_kto_rows(trajectories, finished_only, **budget)
+    return build_verifier_rows(trajectories, tokenizer, args.max_tokens, finished_only=finished_only)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    if args.command in ("sharegpt-export", "sharegpt-import"):
+        return run_sharegpt(args)
+    if args.command == "verifier" and args.tokenizer is None:
+        print(
+            f"[entropo-data verifier] no --tokenizer: the {args.max_tokens}-token budget is estimated at 4 characters "
+            "a token; pass the verifier's tokenizer for exact counts",
+            file=sys.stderr,
         )
-    elif args.command == "dpo":
-        rows = build_dpo_pairs(
-            trajectories,
-            args.policy,
-            args.max_pairs_per_instance or None,
-            args.seed,
-            finished_only=finished_only,
-            tokenizer=tokenizer,
-            max_tokens=args.max_tokens,
-        )
-    elif args.command == "kto":
-        rows = build_kto_rows(trajectories, finished_only, tokenizer=tokenizer, max_tokens=args.max_tokens)
-    else:
-        rows = build_verifier_rows(trajectories, tokenizer, args.max_tokens, finished_only=finished_only)
+    tokenizer = _load_tokenizer(args.tokenizer)
+    read = ReadStats()
+    rows = build_rows(args, tokenizer, read)
     written = write_rows(rows, args.output, args.push_to_hub, tokenizer, description=f"building {args.command}")
     print(_summary(args.command, read, rows.stats, written, args.output, args.push_to_hub))
     return 0

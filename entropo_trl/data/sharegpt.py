@@ -4,9 +4,16 @@ Layouts (the authors' LLaMA-Factory fork; `from` / `value` messages, roles `syst
 
 - SFT: `{"conversations": [system, human, gpt, human, ..., gpt]}`
 - DPO: `{"conversations": [system, human], "chosen": [gpt, human, ..., gpt], "rejected": [gpt, ...]}`; the fork
-  accepts lists for `chosen` / `rejected` (multi-turn); upstream LLaMA-Factory accepts a single message there, so
-  multi-turn pairs need the fork.
+  accepts lists for `chosen` / `rejected` (multi-turn).
+- DPO with `single_turn=True` (`--single_turn`): `{"conversations": [system, human], "chosen": gpt, "rejected": gpt}`,
+  one message object each: upstream LLaMA-Factory's layout, for pairs whose chosen and rejected are one message each.
 - KTO: `{"conversations": [system, human, ..., gpt], "kto_tag": true}`
+
+What upstream LLaMA-Factory (0.9.x, from PyPI) reads of these: SFT rows, every assistant turn trained; KTO rows, but
+its KTO encoder trains only the **final** assistant turn (all before it is prompt), so multi-turn EntroPO-KTO is not
+what it trains; DPO pairs only in the single-message layout (it drops every row whose `chosen` / `rejected` is a
+list, and then stops with "Cannot find valid samples"). Multi-turn pairs and multi-turn KTO need the authors' fork, or
+this library's trainers. [`upstream_warning`] says so in one line.
 
 Tool observations are `user` messages in R2E-Gym and SWE-smith trajectories and become `human` turns, as the authors
 export them; `tool` messages become `observation`. [`sharegpt_dataset_info`] writes the matching
@@ -58,9 +65,44 @@ def _from(turns: Any, where: str) -> list[dict[str, str]]:
     return out
 
 
-def to_sharegpt(row: dict[str, Any], index: int = 0) -> dict[str, Any]:
+UPSTREAM_WARNINGS = {
+    "dpo": "upstream LLaMA-Factory cannot load these DPO pairs (it reads `chosen` / `rejected` as single message "
+    "objects, these are lists): train them with the EntroPO authors' LLaMA-Factory fork or this library's trainers "
+    "(`entropo train edpo`); pairs of one message each load upstream with --single_turn",
+    "kto": "upstream LLaMA-Factory trains only the final assistant turn of each KTO row (the turns before it are "
+    "prompt): multi-turn EntroPO-KTO needs the EntroPO authors' LLaMA-Factory fork or this library's trainers "
+    "(`entropo train ekto`)",
+}
+
+
+def sharegpt_kind(row: dict[str, Any]) -> str:
+    """`"dpo"`, `"kto"` or `"sft"`: the layout of an exported ShareGPT row."""
+    return "dpo" if "chosen" in row else "kto" if "kto_tag" in row else "sft"
+
+
+def upstream_warning(kind: str, single_turn: bool = False) -> str | None:
+    """One line on what upstream LLaMA-Factory does with an export of this kind (None when it reads it as meant)."""
+    if kind == "dpo" and single_turn:
+        return None
+    return UPSTREAM_WARNINGS.get(kind)
+
+
+def _single_message(messages: list[dict[str, Any]], where: str) -> dict[str, str]:
+    """The one assistant message of a single-turn pair side, as a ShareGPT object (upstream's layout)."""
+    if len(messages) != 1 or messages[0].get("role") != "assistant":
+        roles = [m.get("role") for m in messages]
+        raise ValueError(
+            f"{where}: --single_turn writes one message object per side, and this side holds {len(messages)} "
+            f"messages ({', '.join(map(str, roles))}); multi-turn pairs need the list layout (drop --single_turn) "
+            "and the EntroPO authors' LLaMA-Factory fork"
+        )
+    return _to(messages, where)[0]
+
+
+def to_sharegpt(row: dict[str, Any], index: int = 0, single_turn: bool = False) -> dict[str, Any]:
     """One builder row (SFT `messages`, DPO `prompt`/`chosen`/`rejected`, KTO `prompt`/`completion`/`label`) as a
-    ShareGPT row. Other columns (e.g. `instance_id`) are kept."""
+    ShareGPT row. Other columns (e.g. `instance_id`) are kept. `single_turn` writes a DPO pair's `chosen` and
+    `rejected` as one message object each (upstream LLaMA-Factory's layout) and refuses a side of several messages."""
     where = f"row {index}"
     # `label` becomes `kto_tag` for KTO rows; SFT and verifier rows keep it as a column
     kto = "completion" in row and "label" in row
@@ -72,10 +114,11 @@ def to_sharegpt(row: dict[str, Any], index: int = 0) -> dict[str, Any]:
     if "messages" in row:
         return {"conversations": _to(row["messages"], f"{where}.messages"), **extra}
     if "chosen" in row and "rejected" in row:
+        side = _single_message if single_turn else _to
         return {
             "conversations": _to(row["prompt"], f"{where}.prompt"),
-            "chosen": _to(row["chosen"], f"{where}.chosen"),
-            "rejected": _to(row["rejected"], f"{where}.rejected"),
+            "chosen": side(row["chosen"], f"{where}.chosen"),
+            "rejected": side(row["rejected"], f"{where}.rejected"),
             **extra,
         }
     if "completion" in row and "label" in row:
@@ -117,9 +160,9 @@ def from_sharegpt(row: dict[str, Any], index: int = 0) -> dict[str, Any]:
     return {"messages": messages, **extra}
 
 
-def export_sharegpt(rows: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+def export_sharegpt(rows: Iterable[dict[str, Any]], single_turn: bool = False) -> Iterator[dict[str, Any]]:
     for index, row in enumerate(rows):
-        yield to_sharegpt(row, index)
+        yield to_sharegpt(row, index, single_turn)
 
 
 def import_sharegpt(rows: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
