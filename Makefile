@@ -16,7 +16,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export WANDB_MODE := offline
 
-.PHONY: install sandbox-deps test test-all lint bench demo clean
+.PHONY: install sandbox-deps test test-all lint format bench demo clean
 
 install: sandbox-deps $(VENV)/.installed
 
@@ -51,9 +51,15 @@ test: install
 test-all: install
 	TQDM_DISABLE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
+SOURCES := entropo_trl tests bench data_prep recipes eval
+
 lint: install
-	$(PY) -m ruff check entropo_trl tests bench data_prep recipes eval
-	$(PY) -m ruff format --check entropo_trl tests bench data_prep recipes eval
+	$(PY) -m ruff check $(SOURCES)
+	$(PY) -m ruff format --check $(SOURCES)
+
+format: install
+	$(PY) -m ruff check --fix $(SOURCES)
+	$(PY) -m ruff format $(SOURCES)
 
 bench: install
 	$(PY) bench/trainer_overhead.py
@@ -62,7 +68,7 @@ bench: install
 	$(PY) bench/selection.py
 
 demo: install
-	$(PY) -m entropo_trl.demo --workdir demo_out
+	$(VENV)/bin/entropo demo --workdir demo_out
 
 clean:
 	rm -rf $(VENV) .pytest_cache build dist *.egg-info

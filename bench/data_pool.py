@@ -12,9 +12,10 @@ Tokenisation: `assistant_token_mask` (assistant-only masks located by rendering 
 checked against the full rendering) against a plain `tokenizer.apply_chat_template(messages, tokenize=True)` on the
 same trajectories, side by side in one run: speed ratio mask / plain at 30, 100 and 200 assistant turns per trajectory
 (`--turns`; the authors run up to 100 agent steps for pools and 200 at test time), targets >= 0.7 at 100 turns and
->= 0.5 at 200. The tokenizer is Qwen's real one (`../shared/fixtures/qwen-tokenizer`, with TRL's `qwen3_instruct_2507`
-chat template), for real token counts; without the fixtures, a tiny trained BPE tokenizer with the same template
-(about 3 times as many tokens, so the encoding weighs more and the ratio comes out a little higher).
+>= 0.5 at 200. The tokenizer is Qwen's real one (`QWEN_TOKENIZER`, from the real-data fixtures when they sit beside
+the repository, with TRL's `qwen3_instruct_2507` chat template), for real token counts; without the fixtures, a tiny
+trained BPE tokenizer with the same template (about 3 times as many tokens, so the encoding weighs more and the ratio
+comes out a little higher).
 """
 
 import argparse
@@ -33,7 +34,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from entropo_trl.data.builders import build_kto_rows  # noqa: E402
-from entropo_trl.data.trajectory import ReadStats, Trajectory, read_trajectories, write_trajectories  # noqa: E402
+from entropo_trl.data.readers import ReadStats, read_trajectories  # noqa: E402
+from entropo_trl.data.trajectory import Trajectory, write_trajectories
 from entropo_trl.multiturn import assistant_token_mask  # noqa: E402
 
 QWEN_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "qwen-tokenizer"

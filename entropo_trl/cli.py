@@ -15,6 +15,7 @@ COMMANDS = {
     "select": ("entropo_trl.evaluation.cli", "select_main", "pick one trajectory per instance (hybrid selector)"),
     "swebench": ("entropo_trl.evaluation.cli", "swebench_main", "SWE-bench predictions and the official harness"),
     "report": ("entropo_trl.evaluation.report", "main", "resolve rate vs N, α sweep, ablation and diversity report"),
+    "experiment": ("entropo_trl.experiment", "main", "one α point end to end: train, merge, roll out, select, log"),
     "demo": ("entropo_trl.demo", "main", "the whole pipeline on a CPU with tiny models and toy tasks"),
 }
 

@@ -1,4 +1,4 @@
-"""EntroPO-DPO on top of TRL's `DPOTrainer` (DESIGN §2, "a narrow way in").
+"""EntroPO-DPO on top of TRL's `DPOTrainer` (docs/design.md, "A narrow way in").
 
 EntroPO-DPO is TRL's sigmoid DPO with β replaced by α and every reference log-prob multiplied by β/α. So the trainer
 (a) sets the sigmoid's coefficient to α, (b) supplies the reference log-probs itself (the cached ones with

@@ -1,4 +1,4 @@
-"""EntroPO-KTO on top of TRL's `KTOTrainer` (DESIGN §2, "a narrow way in").
+"""EntroPO-KTO on top of TRL's `KTOTrainer` (docs/design.md, "A narrow way in").
 
 Paper variant (eqs. 7-8), with r(y) = logp(y) − (β/α)·ref(y):
 

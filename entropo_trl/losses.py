@@ -1,4 +1,4 @@
-"""EntroPO losses as pure tensor functions (paper eqs. 6-8; DESIGN §2).
+"""EntroPO losses as pure tensor functions (paper eqs. 6-8; docs/design.md, "The losses").
 
 Tensors in, tensors out: no TRL, no config. Every `*_logps` argument is a *sum* of per-token log-probabilities over the
 assistant tokens of a trajectory (never a mean), shape `(batch,)`.
@@ -83,7 +83,7 @@ def entropo_kto_z0(
         z0 = mean over y' of [logp(y') − (β/α)·ref(y')], detached; clamped at ≥ 0 only when `clamp=True`.
         z0 estimates −H(π) + (β/α)·H(π, π_ref); for α > β on long trajectories it is large and negative, so clamping
         it (as TRL does) pushes α·(r − z0) into the sigmoid's flat tail. The paper-faithful default does not clamp.
-    `variant="reference_code"` (the authors' released code, DESIGN §2):
+    `variant="reference_code"` (the authors' released code; docs/design.md, "The authors' released KTO code"):
         z = clamp≥0(mean over y' of [α·logp(y') − β·ref(y')]). The authors always clamp, so `clamp` has no further
         effect in this variant.
 

@@ -1,4 +1,4 @@
-"""Which tokens count: assistant-only masks for multi-turn trajectories, for any chat template (DESIGN §3).
+"""Which tokens count (docs/design.md): assistant-only masks for multi-turn trajectories, for any chat template.
 
 A trajectory is `[system, user(issue), assistant, user(observation), assistant, ..., assistant(finish)]`. Only the
 assistant turns are the policy's actions, so only their tokens enter `logp`, `ref`, the SFT loss and the KL samples.

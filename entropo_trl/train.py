@@ -73,15 +73,21 @@ def split_model_flag(argv: list[str]) -> tuple[str | None, list[str]]:
     return model, out
 
 
+def config_flag_split(argv: list[str]) -> list[str]:
+    """`--config=FILE` as `--config FILE`: TRL's parser reads only the second form (a W&B sweep agent writes the
+    first)."""
+    return [part for arg in argv for part in (arg.split("=", 1) if arg.startswith("--config=") else [arg])]
+
+
 def parse_recipe(stage: str, config_classes: tuple, argv: list[str] | None = None) -> tuple:
     """Parse a recipe's arguments: `--model ID` picks `recipes/<slug>/<stage>.yaml` (unless `--config` is given)
     and sets `model_name_or_path`; flags override the YAML."""
     from trl import TrlParser
 
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = config_flag_split(list(sys.argv[1:] if argv is None else argv))
     model, argv = split_model_flag(argv)
     if model is not None:
-        if "--config" not in argv and not any(a.startswith("--config=") for a in argv):
+        if "--config" not in argv:
             config = recipe_config(model, stage)
             if config is not None:
                 argv = ["--config", str(config), *argv]

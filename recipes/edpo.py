@@ -1,7 +1,7 @@
 """The edpo stage: `accelerate launch recipes/edpo.py --model MODEL_ID --dataset_name DATA [--flag value ...]`.
 
 `--model` picks `recipes/<model-slug>/edpo.yaml` (override with `--config FILE`); any field can be set on the
-command line. See the README's "Training recipes" section."""
+command line. See docs/recipes.md."""
 
 from entropo_trl.train import run_stage
 

@@ -158,3 +158,44 @@ def swesmith_rows(max_chars=8000):
             completion = [dict(m, content=m["content"][: max_chars // 4]) for m in rest[: assistant_ends[1]]]
         rows.append({"instance_id": record["instance_id"], "prompt": prompt, "completion": completion})
     return rows
+
+
+def wandb_offline_history(folder) -> dict[str, list[dict]]:
+    """The history rows of every offline W&B run under `folder` (its `wandb/offline-run-*-ID` folders), by run id,
+    read from the runs' `.wandb` files: W&B's append-only record log (7-byte file header, 32 KiB blocks of
+    records with a 7-byte header: CRC, length, type full / first / middle / last) of `Record` protobufs."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    def records(data: bytes):
+        assert data[:4] == b":W&B", "not a W&B run file"
+        position, pending = 7, b""
+        while position + 7 <= len(data):
+            left = 32768 - position % 32768
+            _, length, kind = struct.unpack("<IHB", data[position : position + 7])
+            if left < 7 or (length == 0 and kind == 0):  # block padding
+                position += left
+                continue
+            chunk = data[position + 7 : position + 7 + length]
+            position += 7 + length
+            if kind == 1:
+                yield chunk
+            elif kind in (2, 3):
+                pending += chunk
+            elif kind == 4:
+                yield pending + chunk
+                pending = b""
+
+    history: dict[str, list[dict]] = {}
+    for path in sorted(Path(folder).glob("**/wandb/offline-run-*/run-*.wandb")):
+        run_id = path.stem.removeprefix("run-")
+        for raw in records(path.read_bytes()):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(raw)
+            if record.WhichOneof("record_type") == "history":
+                items = {
+                    item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item
+                }
+                history.setdefault(run_id, []).append(items)
+    return history

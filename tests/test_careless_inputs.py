@@ -12,7 +12,8 @@ import pytest
 from test_trajectory import traj
 
 from entropo_trl.data.cli import main as data_main
-from entropo_trl.data.trajectory import read_trajectories, write_trajectories
+from entropo_trl.data.readers import read_trajectories
+from entropo_trl.data.trajectory import write_trajectories
 from entropo_trl.rollout.tasks import load_tasks
 from entropo_trl.rollout.toy import make_toy_tasks
 

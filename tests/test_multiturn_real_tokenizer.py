@@ -41,7 +41,7 @@ def test_real_tokenizer_masks_are_assistant_contents_plus_im_end(qwen):
 
     One exception, which the real BPE shows: a turn whose content starts with newlines (4 of the 103 turns: an empty
     thought before the call) has them merged with the header's newline into one token (`ĊĊĊ`). That token starts in
-    the header, so it stays untrained (the header is never trained, DESIGN §3) and the span starts after it."""
+    the header, so it stays untrained (the header is never trained: docs/design.md, "Which tokens count") and the span starts after it."""
     merged = 0
     for row in load_swesmith():
         messages = row["messages"]

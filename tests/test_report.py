@@ -58,7 +58,7 @@ def test_report_builds_with_non_empty_figures(tmp_path):
 def test_select_cli_writes_one_choice_per_instance(tmp_path):
     from test_selection import candidates
 
-    from entropo_trl.data.trajectory import read_trajectories
+    from entropo_trl.data.readers import read_trajectories
 
     write_trajectories(tmp_path / "pool.jsonl", candidates())
     result = subprocess.run(

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from entropo_trl.data.trajectory import read_trajectories
+from entropo_trl.data.readers import read_trajectories
 from entropo_trl.rollout.cli import main
-from entropo_trl.rollout.runner import EpisodeClaims, claims_path, errors_path
+from entropo_trl.rollout.pool import EpisodeClaims, claims_path, errors_path
 from entropo_trl.rollout.scaffold import Action
 from entropo_trl.rollout.serve import serve_scripted
 from entropo_trl.rollout.toy import CONFTEST_REWARD_HACK, make_toy_tasks
@@ -187,7 +187,7 @@ def test_a_killed_runners_claims_are_free_at_once(tmp_path):
     assert other.claim("t/m/0")
     other.close()
     script = (
-        "import sys, time\nfrom entropo_trl.rollout.runner import EpisodeClaims\n"
+        "import sys, time\nfrom entropo_trl.rollout.pool import EpisodeClaims\n"
         "EpisodeClaims(sys.argv[1]).claim('t/m/1')\nprint('claimed', flush=True)\ntime.sleep(60)\n"
     )
     child = subprocess.Popen([sys.executable, "-c", script, str(folder)], stdout=subprocess.PIPE, text=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from entropo_trl.data.trajectory import read_trajectories
+from entropo_trl.data.readers import read_trajectories
 from entropo_trl.rollout.cli import main
 from entropo_trl.rollout.scaffold import Action
 from entropo_trl.rollout.serve import serve_scripted

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from entropo_trl.data.trajectory import Trajectory, parse_pytest_statuses
+from entropo_trl.data.test_logs import parse_pytest_statuses
+from entropo_trl.data.trajectory import Trajectory
 from entropo_trl.rollout.oracle import (
     OracleError,
     evaluate_patch,

@@ -11,17 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from entropo_trl.data.trajectory import ReadStats, parse_pytest_statuses, read_trajectories
+from entropo_trl.data.readers import ReadStats, read_trajectories
+from entropo_trl.data.test_logs import parse_pytest_statuses
 from entropo_trl.demo import solving_step
 from entropo_trl.rollout.client import ChatClient
 from entropo_trl.rollout.oracle import evaluate_patch
-from entropo_trl.rollout.runner import (
-    RolloutConfig,
-    RolloutSummary,
-    default_sandbox_factory,
-    errors_path,
-    run_rollouts,
-)
+from entropo_trl.rollout.pool import errors_path
+from entropo_trl.rollout.runner import RolloutConfig, RolloutSummary, default_sandbox_factory, run_rollouts
 from entropo_trl.rollout.scaffold import Action
 from entropo_trl.rollout.serve import serve_scripted
 from entropo_trl.rollout.tasks import load_tasks, task_from_swebench
@@ -411,14 +407,14 @@ def test_cli_presets_set_the_papers_limits(tmp_path, monkeypatch, extra, steps, 
         seen.update(config=config, context=args.max_context_tokens, base_url=base_url)
         return RolloutSummary(args.pool, 0, 0, 0, 0)
 
-    def fake_vllm(model, **kwargs):
-        seen["served"] = kwargs
+    def fake_vllm(server_args):
+        seen["served"] = server_args
         return types.SimpleNamespace(base_url="http://127.0.0.1:1/v1", stop=lambda: None)
 
     monkeypatch.setattr(cli, "_run", fake_run)
     monkeypatch.setattr(entropo_trl.rollout.serve, "start_vllm_server", fake_vllm)
     cli.main(["--tasks", str(tmp_path), "--pool", str(tmp_path / "p.jsonl"), "--serve_vllm", "org/model", *extra])
     config = seen["config"]
-    assert config.max_steps == steps and seen["context"] == context and seen["served"]["max_model_len"] == context
+    assert config.max_steps == steps and seen["context"] == context and seen["served"].max_model_len == context
     temperature = 0.2 if "--temperature" in extra else 0.7  # a flag overrides its default
     assert (config.sampling.temperature, config.sampling.top_p, config.sampling.top_k) == (temperature, 0.8, 20)

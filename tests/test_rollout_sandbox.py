@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from entropo_trl.rollout import sandbox as sandbox_module
 from entropo_trl.rollout.sandbox import (
+    COMMAND_ENV,
     SWEBENCH_SETUP,
     BwrapSandbox,
     CommandResult,
@@ -21,12 +21,13 @@ from entropo_trl.rollout.sandbox import (
     LocalSandbox,
     SandboxError,
     SandboxLimits,
-    _warn_unisolated,
     default_docker_setup,
     make_sandbox,
     require_bwrap,
     sweep_stale_sandboxes,
 )
+from entropo_trl.rollout.sandbox.host import _warn_unisolated
+from entropo_trl.rollout.sandbox.local import _python_dirs
 from entropo_trl.rollout.tasks import Task
 
 needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed")
@@ -276,7 +277,7 @@ def test_concurrent_first_sandboxes_make_one_template(repo, tmp_path):
 def test_least_recently_used_templates_are_deleted(tmp_path, monkeypatch):
     from collections import OrderedDict
 
-    from entropo_trl.rollout import sandbox as module
+    from entropo_trl.rollout.sandbox import checkout as module
 
     monkeypatch.setattr(module, "MAX_TEMPLATES", 2)
     monkeypatch.setattr(module, "_TEMPLATES", OrderedDict())  # only this test's templates
@@ -499,7 +500,7 @@ def test_isolated_writes_outside_the_checkout_do_not_reach_the_host(isolated, tm
     assert not os.path.exists(f"/tmp/escape-{token}") and isolated.read_file(f"/tmp/escape-{token}") == "private"
     assert isolated.run("ls /home").exit_code != 0 and isolated.run("ls /run").exit_code != 0  # absent
     home = os.path.expanduser("~")
-    python_dirs = [Path(d) for d in sandbox_module._python_dirs() if Path(d).is_relative_to(home)]
+    python_dirs = [Path(d) for d in _python_dirs() if Path(d).is_relative_to(home)]
     allowed = {d.relative_to(home).parts[0] for d in python_dirs}
     assert set(isolated.run(f"ls -A {home}").stdout.split()) <= allowed  # at most the running Python's folders
     assert isolated.run("cat /etc/shadow").stdout == ""
@@ -516,7 +517,7 @@ def test_isolated_environment_has_no_secrets(monkeypatch, repo, tmp_path):
     assert (
         {"PATH", "HOME", "LANG", "TASK_VAR"}
         <= names
-        <= {"PATH", "HOME", "LANG", "TASK_VAR", "PWD", "SHLVL", "_"} | set(sandbox_module.COMMAND_ENV)
+        <= {"PATH", "HOME", "LANG", "TASK_VAR", "PWD", "SHLVL", "_"} | set(COMMAND_ENV)
     )
 
 
@@ -645,7 +646,7 @@ def test_sweep_removes_only_the_folders_of_dead_runs(repo, tmp_path):
 
 def test_a_python_under_tmp_stays_visible_over_the_private_tmp(monkeypatch):
     """A venv in the host's /tmp (a clone there, as CI may make) is bound after the private /tmp, not hidden by it."""
-    from entropo_trl.rollout import sandbox as module
+    from entropo_trl.rollout.sandbox import local as module
 
     monkeypatch.setattr(module, "_python_dirs", lambda: ["/tmp/clone/.venv"])
     args = module._bwrap_args("/tmp/boxes/repo", "/tmp/boxes/tmp", {})

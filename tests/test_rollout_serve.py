@@ -9,8 +9,7 @@ import time
 
 import pytest
 
-from entropo_trl.rollout import serve
-from entropo_trl.rollout.serve import serve_scripted, serve_transformers
+from entropo_trl.rollout.serve import openai_http, serve_scripted, serve_transformers
 
 BODY = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
 
@@ -86,7 +85,7 @@ def test_chunked_body_is_refused():
 
 
 def test_body_over_the_limit_is_a_413_without_reading_it(monkeypatch):
-    monkeypatch.setattr(serve, "MAX_REQUEST_BYTES", 1000)
+    monkeypatch.setattr(openai_http, "MAX_REQUEST_BYTES", 1000)
     with serve_scripted(echo) as server:
         with connect(server) as sock:
             sock.sendall(post(length="10000000000"))  # announced, never sent
@@ -104,8 +103,8 @@ def test_body_over_the_limit_is_a_413_without_reading_it(monkeypatch):
 
 
 def test_short_body_times_out_with_408_and_frees_its_thread(monkeypatch):
-    monkeypatch.setattr(serve, "REQUEST_TIMEOUT", 0.5)
-    monkeypatch.setattr(serve, "MAX_WORKERS", 1)  # the one worker must come back for the next client
+    monkeypatch.setattr(openai_http, "REQUEST_TIMEOUT", 0.5)
+    monkeypatch.setattr(openai_http, "MAX_WORKERS", 1)  # the one worker must come back for the next client
     with serve_scripted(echo) as server:
         with connect(server) as sock:
             start = time.monotonic()
@@ -119,7 +118,7 @@ def test_short_body_times_out_with_408_and_frees_its_thread(monkeypatch):
 
 
 def test_a_client_that_leaves_mid_body_does_not_hold_a_worker(monkeypatch):
-    monkeypatch.setattr(serve, "MAX_WORKERS", 1)
+    monkeypatch.setattr(openai_http, "MAX_WORKERS", 1)
     with serve_scripted(echo) as server:
         with connect(server) as sock:
             sock.sendall(post()[:-10])
@@ -129,7 +128,7 @@ def test_a_client_that_leaves_mid_body_does_not_hold_a_worker(monkeypatch):
 
 
 def test_idle_connections_hold_no_thread(monkeypatch):
-    monkeypatch.setattr(serve, "MAX_WORKERS", 4)
+    monkeypatch.setattr(openai_http, "MAX_WORKERS", 4)
     with serve_scripted(echo) as server:
         before = threading.active_count()
         sockets = [connect(server) for _ in range(40)]
@@ -150,7 +149,7 @@ def test_idle_connections_hold_no_thread(monkeypatch):
 
 
 def test_requests_run_in_parallel_up_to_the_worker_limit(monkeypatch):
-    monkeypatch.setattr(serve, "MAX_WORKERS", 3)
+    monkeypatch.setattr(openai_http, "MAX_WORKERS", 3)
     active, peak, lock = [0], [0], threading.Lock()
 
     def slow(messages):
@@ -173,7 +172,7 @@ def test_requests_run_in_parallel_up_to_the_worker_limit(monkeypatch):
 
 
 def test_connection_limit_closes_the_longest_idle_one(monkeypatch):
-    monkeypatch.setattr(serve, "MAX_CONNECTIONS", 3)
+    monkeypatch.setattr(openai_http, "MAX_CONNECTIONS", 3)
     with serve_scripted(echo) as server:
         sockets = []
         for _ in range(3):
@@ -190,7 +189,7 @@ def test_connection_limit_closes_the_longest_idle_one(monkeypatch):
 
 
 def test_idle_keepalive_connections_expire(monkeypatch):
-    monkeypatch.setattr(serve, "KEEPALIVE_TIMEOUT", 0.3)
+    monkeypatch.setattr(openai_http, "KEEPALIVE_TIMEOUT", 0.3)
     with serve_scripted(echo) as server, connect(server) as sock:
         sock.sendall(post())
         assert read_response(sock)[0] == 200
@@ -249,7 +248,7 @@ def test_transformers_server_keeps_no_request_bodies():
 
 
 def test_stop_returns_with_clients_idle_and_mid_body(monkeypatch):
-    monkeypatch.setattr(serve, "REQUEST_TIMEOUT", 60.0)
+    monkeypatch.setattr(openai_http, "REQUEST_TIMEOUT", 60.0)
     server = serve_scripted(echo)
     idle, stuck = connect(server), connect(server)
     idle.sendall(post())

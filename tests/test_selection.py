@@ -12,7 +12,8 @@ from types import SimpleNamespace
 import pytest
 from test_trajectory import _fixture, traj
 
-from entropo_trl.data.trajectory import Trajectory, read_trajectories, write_trajectories
+from entropo_trl.data.readers import read_trajectories
+from entropo_trl.data.trajectory import Trajectory, write_trajectories
 from entropo_trl.evaluation.selection import (
     PRESETS,
     HybridSelector,

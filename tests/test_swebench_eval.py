@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 
 from entropo_trl.data.trajectory import Trajectory, write_trajectories
-from entropo_trl.evaluation.swebench import (
+from entropo_trl.evaluation.harness import (
     DockerUnavailableError,
     HarnessReportError,
     docker_available,
     harness_command,
     read_report,
     run_harness,
-    write_predictions,
 )
+from entropo_trl.evaluation.swebench import write_predictions
 
 swebench = pytest.importorskip("swebench")
 
@@ -300,7 +300,7 @@ def test_harness_command_is_accepted_by_swebench(tmp_path):
 
 
 def test_harness_flags_match_help():
-    from entropo_trl.evaluation.swebench import harness_flags
+    from entropo_trl.evaluation.harness import harness_flags
 
     flags = harness_flags()
     cmd = harness_command("p.jsonl", run_id="r", instance_ids=["x"], report_dir="d", open_file_limit=10)

@@ -9,14 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from entropo_trl.data.trajectory import (
-    ReadStats,
-    Trajectory,
-    TrajectoryFormatError,
-    from_r2egym,
-    read_trajectories,
-    write_trajectories,
-)
+from entropo_trl.data.readers import ReadStats, from_r2egym, read_trajectories
+from entropo_trl.data.trajectory import Trajectory, TrajectoryFormatError, last_turn_finished, write_trajectories
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 
@@ -468,11 +462,39 @@ def test_r2e_finished_marker_is_dropped(tmp_path):
     assert with_marker.messages == without.messages == MESSAGES and with_marker.finished
 
 
+def test_only_the_first_call_of_the_last_turn_can_finish(tmp_path):
+    """The runner executes a turn's first call only: a `finish` after another call never ended the episode."""
+    finish_second = (
+        "List, then stop.\n<function=execute_bash>\n<parameter=cmd>ls</parameter>\n</function>\n"
+        "<function=finish>\n<parameter=command>submit</parameter>\n</function>"
+    )
+    finish_first = (
+        "<function=submit>\n</function>\n<function=execute_bash>\n<parameter=cmd>ls</parameter>\n</function>"
+    )
+    path = tmp_path / "swesmith.jsonl"
+    path.write_text(
+        "".join(
+            json.dumps({"instance_id": "a", "messages": MESSAGES[:2] + [{"role": "assistant", "content": c}]}) + "\n"
+            for c in (finish_second, finish_first)
+        )
+    )
+    not_finished, finished = read_trajectories(path)
+    assert (not_finished.finished, not_finished.exit_reason) == (False, None)
+    assert (finished.finished, finished.exit_reason) == (True, "submitted")
+    assert not last_turn_finished(not_finished.messages) and last_turn_finished(finished.messages)
+    structured = {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [{"function": {"name": n}} for n in ("search", "finish")],
+    }
+    assert not last_turn_finished(MESSAGES[:2] + [structured])
+    assert last_turn_finished(MESSAGES[:2] + [{**structured, "tool_calls": structured["tool_calls"][::-1]}])
+    # an R2E-Gym record gets the same rule (and the entropo layout when `finished` is not recorded)
+    r2e = {**R2E, "history": MESSAGES[:2] + [{"role": "assistant", "content": finish_second}]}
+    assert not from_r2egym(r2e).finished and from_r2egym({**R2E, "history": finished.messages}).finished
+
+
 def test_swesmith_lines_keep_what_they_say_and_defaults_are_counted(tmp_path):
-    import json
-
-    from entropo_trl.data.trajectory import ReadStats, read_trajectories
-
     messages = [
         {"role": "system", "content": "s"},
         {"role": "user", "content": "issue"},

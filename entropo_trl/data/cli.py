@@ -1,10 +1,11 @@
-"""`entropo-data`: trajectory pools to SFT / DPO / KTO / verifier datasets, and LLaMA-Factory ShareGPT export/import.
+"""`entropo data` (alias `entropo-data`): trajectory pools to SFT / DPO / KTO / verifier datasets, and LLaMA-Factory
+ShareGPT export / import.
 
-    entropo-data kto --input pool.jsonl --output data/kto            # a `datasets` dataset (save_to_disk)
-    entropo-data dpo --input a.jsonl b.jsonl --policy authors --output pairs.jsonl
-    entropo-data sft --input swesmith.jsonl --tokenizer Qwen/Qwen3-4B-Instruct-2507 --max_tokens 18000 \\
+    entropo data kto --input pool.jsonl --output data/kto            # a `datasets` dataset (save_to_disk)
+    entropo data dpo --input a.jsonl b.jsonl --policy authors --output pairs.jsonl
+    entropo data sft --input swesmith.jsonl --tokenizer Qwen/Qwen3-4B-Instruct-2507 --max_tokens 18000 \\
         --push_to_hub me/entropo-sft
-    entropo-data sharegpt-export --input pairs.jsonl --output llamafactory/pairs.json --name entropo_dpo
+    entropo data sharegpt-export --input pairs.jsonl --output llamafactory/pairs.json --name entropo_dpo
 
 The scripts in `data_prep/` call the same commands. Each prints a summary: rows, skips by reason, token-length
 percentiles (with `--tokenizer`; character lengths otherwise). An `--output` that is one of the `--input` files (by
@@ -24,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from .builders import Rows, build_dpo_pairs, build_kto_rows, build_sft_rows, build_verifier_rows, row_messages
+from .readers import FORMATS, ReadStats, read_trajectories
 from .sharegpt import export_sharegpt, import_sharegpt, sharegpt_dataset_info, sharegpt_kind, upstream_warning
-from .trajectory import FORMATS, ReadStats, read_trajectories
 from .truncation import count_tokens
 
 

@@ -156,62 +156,15 @@ def truncate_trajectory(
     assistant = [i for i, m in enumerate(out) if m["role"] == "assistant" and i >= prompt_end]
     if not assistant:
         raise TruncationError(f"{total} tokens > {max_tokens} and no assistant turn to keep")
-    last_assistant = assistant[-1]
-    observations = [i for i in range(prompt_end, last_assistant) if out[i]["role"] in _OBSERVATION_ROLES]
-    sizes = {i: _content_tokens(tokenizer, out[i]["content"] or "") for i in observations}
-    marker_cost = _content_tokens(tokenizer, OBSERVATION_MARKER.format(lines=1000, tokens=10000)) + 2
+    observations = [i for i in range(prompt_end, assistant[-1]) if out[i]["role"] in _OBSERVATION_ROLES]
 
-    # 1. shorten the longest observations toward a common cap (longest first), re-measuring until within budget
-    shortened: set[int] = set()
-    for _ in range(max_rounds):
-        excess = total - max_tokens
-        if excess <= 0:
-            break
-        current = [sizes[i] for i in observations]
-        cap = _water_level(current, excess, min_observation_tokens, marker_cost)
-        changed = False
-        for i in observations:
-            if sizes[i] > cap + marker_cost:
-                new_text, _ = shorten_text(out[i]["content"], cap, sizes[i])
-                if new_text != out[i]["content"]:
-                    out[i]["content"] = new_text
-                    sizes[i] = _content_tokens(tokenizer, new_text)
-                    shortened.add(i)
-                    changed = True
-        total = count_tokens(tokenizer, out, tools)
-        if not changed:
-            break
-    report.shortened_observations = sorted(shortened)
-
-    # 2. drop whole middle turns: units [assistant_k, observations...] before the final assistant turn, nearest the
-    #    middle first. The first unit after the prompt is kept: without it the issue would be followed by another
-    #    user message (the marker), and templates that require alternating roles refuse that.
+    total, report.shortened_observations = _shorten_observations(
+        out, observations, tokenizer, tools, total, max_tokens, min_observation_tokens, max_rounds
+    )
     if total > max_tokens:
-        starts = [i for i in assistant if i < last_assistant]
-        units = [(start, (starts[k + 1] if k + 1 < len(starts) else last_assistant)) for k, start in enumerate(starts)]
-        unit_tokens = [
-            sum(_content_tokens(tokenizer, out[j]["content"] or "") + 4 for j in range(a, b)) for a, b in units
-        ]
-        middle = (len(units) - 1) / 2
-        order = sorted(range(1, len(units)), key=lambda k: (abs(k - middle), k))
-        dropped: set[int] = set()
-        estimate = total
-        for k in order:
-            if estimate <= max_tokens:
-                break
-            dropped.add(k)
-            estimate -= unit_tokens[k]
-        while True:
-            candidate = _without_units(out, units, dropped, unit_tokens, prompt_end)
-            total = count_tokens(tokenizer, candidate, tools)
-            remaining = [k for k in order if k not in dropped]
-            if total <= max_tokens or not remaining:
-                break
-            dropped.add(remaining[0])
-        out = candidate
-        report.dropped_turns = len(dropped)
-        report.dropped_messages = sum(units[k][1] - units[k][0] for k in dropped)
-
+        out, total, report.dropped_turns, report.dropped_messages = _drop_middle_turns(
+            out, assistant, prompt_end, tokenizer, tools, total, max_tokens
+        )
     if total > max_tokens:
         raise TruncationError(
             f"the trajectory needs {total} tokens after shortening every observation to {min_observation_tokens} "
@@ -220,6 +173,81 @@ def truncate_trajectory(
         )
     report.tokens_after = total
     return out, report
+
+
+def _shorten_observations(
+    messages: list[dict[str, Any]],
+    observations: list[int],
+    tokenizer: PreTrainedTokenizerBase,
+    tools,
+    total: int,
+    max_tokens: int,
+    min_observation_tokens: int,
+    max_rounds: int,
+) -> tuple[int, list[int]]:
+    """Phase 1: shorten the longest observations (in place) toward a common cap, re-measuring until within budget or
+    nothing changes. Returns the new token count and the indices of the shortened observations."""
+    sizes = {i: _content_tokens(tokenizer, messages[i]["content"] or "") for i in observations}
+    marker_cost = _content_tokens(tokenizer, OBSERVATION_MARKER.format(lines=1000, tokens=10000)) + 2
+    shortened: set[int] = set()
+    for _ in range(max_rounds):
+        excess = total - max_tokens
+        if excess <= 0:
+            break
+        cap = _water_level([sizes[i] for i in observations], excess, min_observation_tokens, marker_cost)
+        changed = False
+        for i in observations:
+            if sizes[i] > cap + marker_cost:
+                new_text, _ = shorten_text(messages[i]["content"], cap, sizes[i])
+                if new_text != messages[i]["content"]:
+                    messages[i]["content"] = new_text
+                    sizes[i] = _content_tokens(tokenizer, new_text)
+                    shortened.add(i)
+                    changed = True
+        total = count_tokens(tokenizer, messages, tools)
+        if not changed:
+            break
+    return total, sorted(shortened)
+
+
+def _drop_middle_turns(
+    messages: list[dict[str, Any]],
+    assistant: list[int],
+    prompt_end: int,
+    tokenizer: PreTrainedTokenizerBase,
+    tools,
+    total: int,
+    max_tokens: int,
+) -> tuple[list[dict[str, Any]], int, int, int]:
+    """Phase 2: drop whole middle turns, units `[assistant_k, observations...]` before the final assistant turn,
+    nearest the middle first. The first unit after the prompt is kept: without it the issue would be followed by
+    another user message (the marker), and templates that require alternating roles refuse that.
+
+    Returns the messages without the dropped units, their token count, and the numbers of units and messages
+    dropped."""
+    starts = assistant[:-1]
+    units = [(start, (starts[k + 1] if k + 1 < len(starts) else assistant[-1])) for k, start in enumerate(starts)]
+    unit_tokens = [
+        sum(_content_tokens(tokenizer, messages[j]["content"] or "") + 4 for j in range(a, b)) for a, b in units
+    ]
+    middle = (len(units) - 1) / 2
+    order = sorted(range(1, len(units)), key=lambda k: (abs(k - middle), k))
+    # a first guess from the estimated unit sizes, then one more unit at a time until the rendered chat fits
+    dropped: set[int] = set()
+    estimate = total
+    for k in order:
+        if estimate <= max_tokens:
+            break
+        dropped.add(k)
+        estimate -= unit_tokens[k]
+    while True:
+        candidate = _without_units(messages, units, dropped, unit_tokens, prompt_end)
+        total = count_tokens(tokenizer, candidate, tools)
+        remaining = [k for k in order if k not in dropped]
+        if total <= max_tokens or not remaining:
+            break
+        dropped.add(remaining[0])
+    return candidate, total, len(dropped), sum(units[k][1] - units[k][0] for k in dropped)
 
 
 def _without_units(messages, units, dropped: set[int], unit_tokens, prompt_end: int) -> list[dict[str, Any]]:

@@ -11,7 +11,9 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from ..data.trajectory import read_trajectories, write_trajectories
+from ..data.readers import read_trajectories
+from ..data.trajectory import write_trajectories
+from .harness import DEFAULT_DATASET, DockerUnavailableError, run_harness
 from .selection import (
     PRESETS,
     REGRESSION_RULES,
@@ -22,7 +24,7 @@ from .selection import (
     labelled_instances,
     score_with_endpoint,
 )
-from .swebench import DEFAULT_DATASET, DockerUnavailableError, run_harness, write_predictions
+from .swebench import write_predictions
 
 SELECT_HELP = """Pick one trajectory per instance from a rollout pool with the hybrid selector (optionally scoring with a verifier
 first) and write the choices as a pool of their own.

@@ -15,7 +15,6 @@ hybrid lexicographic key) can be written this way, so one ranking of the full li
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from ..actions import Action, message_action
 from ..data.trajectory import Trajectory
 
 Pool = Mapping[str, Sequence[Trajectory]]
@@ -219,8 +219,6 @@ def best_of_n(pool: Pool, rank: Ranker, n: int, draws: int = 1000, seed: int = 0
 # --------------------------------------------------------------------------------------------------------------------
 
 _INDEX_LINE = re.compile(r"^index [0-9a-fA-F]+\.\.[0-9a-fA-F]+")
-_FUNCTION = re.compile(r"<function\s*=\s*([^>\s]+)\s*>(.*?)(?:</function>|$)", re.DOTALL)
-_COMMAND_PARAMETER = re.compile(r"<parameter\s*=\s*command\s*>(.*?)(?:</parameter>|<parameter|$)", re.DOTALL)
 
 
 def _normalise_patch(patch: str) -> str:
@@ -236,47 +234,19 @@ def distinct_patch_ratio(trajectories: Sequence[Trajectory]) -> float:
     return len(set(patches)) / len(patches) if patches else 0.0
 
 
-def _structured_action(message: Mapping[str, Any]) -> str | None:
-    for call in message.get("tool_calls") or []:
-        if not isinstance(call, dict):
-            continue
-        function = call.get("function") or {}
-        name = function.get("name")
-        if not name:
-            continue
-        if name == "file_editor":
-            arguments = function.get("arguments")
-            if isinstance(arguments, str):
-                try:
-                    arguments = json.loads(arguments)
-                except json.JSONDecodeError:
-                    arguments = {}
-            command = arguments.get("command") if isinstance(arguments, dict) else None
-            if command:
-                return f"{name}:{str(command).strip()}"
-        return str(name)
-    return None
+def _action_label(action: Action) -> str:
+    """A turn's action for diversity: the tool, with the `command` for `file_editor` (`"file_editor:view"`)."""
+    if action.name is None:
+        return "none"
+    command = action.parameters.get("command", "").strip() if action.name == "file_editor" else ""
+    return f"{action.name}:{command}" if command else action.name
 
 
 def action_sequence(trajectory: Trajectory) -> list[str]:
-    """The action of each assistant turn: the tool called (`<function=NAME>`, the first call of the turn), with the
-    `command` parameter for `file_editor` (e.g. `"file_editor:view"`), or `"none"` when the turn calls no tool.
+    """The action of each assistant turn: the tool its first call names (as [`message_action`] reads it), with the
+    `command` parameter for `file_editor` (e.g. `"file_editor:view"`), or `"none"` when the turn makes no valid call.
     Structured `tool_calls` are read when the text has no call."""
-    actions = []
-    for message in trajectory.messages:
-        if message.get("role") != "assistant":
-            continue
-        match = _FUNCTION.search(message.get("content") or "")
-        if match is None:
-            actions.append(_structured_action(message) or "none")
-            continue
-        name = match.group(1)
-        if name == "file_editor":
-            command = _COMMAND_PARAMETER.search(match.group(2))
-            if command and command.group(1).strip():
-                name = f"{name}:{command.group(1).strip()}"
-        actions.append(name)
-    return actions
+    return [_action_label(message_action(m)) for m in trajectory.messages if m.get("role") == "assistant"]
 
 
 try:  # optional accelerator (the `eval` extra)

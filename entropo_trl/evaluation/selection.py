@@ -1,4 +1,4 @@
-"""Test-time selection: verifier scores and the hybrid best-of-N selector (DESIGN §5).
+"""Test-time selection: verifier scores and the hybrid best-of-N selector (docs/design.md, 'Test-time scaling').
 
 The hybrid selector applies stages in order to one instance's candidate trajectories:
 

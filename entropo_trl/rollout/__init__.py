@@ -1,5 +1,5 @@
-"""The rollout engine: the R2E scaffold and its four tools, sandboxes, an OpenAI-compatible client, the runner and
-the test oracle (DESIGN §4)."""
+"""The rollout engine: the R2E scaffold and its four tools, sandboxes, an OpenAI-compatible client, the runner (with
+its trajectory pool's bookkeeping and the redaction of secrets) and the test oracle (docs/design.md, 'Rollouts')."""
 
 from .client import ChatClient, Completion, ContextLimitExceeded, LLMError, SamplingParams
 from .oracle import OracleResult, evaluate_patch

@@ -28,11 +28,15 @@ import argparse
 import asyncio
 import signal
 import sys
+from typing import TYPE_CHECKING, Any
 
 from .client import ChatClient, SamplingParams
 from .runner import RolloutConfig, RolloutSummary, run_rollouts
 from .sandbox import SANDBOX_BACKENDS
 from .tasks import load_tasks
+
+if TYPE_CHECKING:
+    from .serve import ServerHandle
 
 # Limits and sampling per use: preference pools (the authors' rollout settings) and test-time scaling (the paper's
 # evaluation: 200 steps, 131,072 tokens).
@@ -106,26 +110,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _config(args) -> RolloutConfig:
-    sampling = SamplingParams(
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        repetition_penalty=args.repetition_penalty,
-        max_tokens=args.max_tokens,
-        seed=args.seed,
-    )
+SAMPLING_FLAGS = ("temperature", "top_p", "top_k", "repetition_penalty", "max_tokens", "seed")
+"""The flags that set the `SamplingParams` field of the same name."""
+ROLLOUT_FLAGS = (
+    "n",
+    "concurrency",
+    "max_steps",
+    "tool_timeout",
+    "max_episode_seconds",
+    "source",
+    "sandbox",
+    "sandbox_root",
+)
+"""The flags that set the `RolloutConfig` field of the same name."""
+
+
+def _flag_values(args: argparse.Namespace, names: tuple[str, ...]) -> dict[str, Any]:
+    return {name: getattr(args, name) for name in names}
+
+
+def _config(args: argparse.Namespace) -> RolloutConfig:
     return RolloutConfig(
-        n=args.n,
-        concurrency=args.concurrency,
-        max_steps=args.max_steps,
+        **_flag_values(args, ROLLOUT_FLAGS),
         max_tokens_per_call=args.max_tokens,
-        tool_timeout=args.tool_timeout,
-        max_episode_seconds=args.max_episode_seconds,
-        sampling=sampling,
-        source=args.source,
-        sandbox=args.sandbox,
-        sandbox_root=args.sandbox_root,
+        sampling=SamplingParams(**_flag_values(args, SAMPLING_FLAGS)),
         oracle=not args.no_oracle,
         stop_after_llm_errors=args.stop_after_llm_errors or None,
     )
@@ -162,12 +170,17 @@ async def _run(args, config: RolloutConfig, base_url: str, model: str) -> Rollou
         signal.signal(signal.SIGTERM, _on_sigterm)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def _parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """The options, with the preset's limits where no flag set them."""
     args = parser.parse_args(argv)
     for name, value in PRESETS[args.preset].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    return args
+
+
+def _check_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> RolloutConfig:
+    """The rollout config; options that do not fit together exit with status 2, before any server starts."""
     sources = sum(x is not None for x in (args.base_url, args.serve_vllm, args.serve_transformers))
     if sources != 1:
         parser.error("give exactly one of --base_url, --serve_vllm MODEL, --serve_transformers PATH")
@@ -180,19 +193,23 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("stop_after_llm_errors", "max_retries", "retry_backoff"):
         if not getattr(args, name) >= 0 or getattr(args, name) == float("inf"):  # nan and inf fail too
             parser.error(f"--{name} must be a finite number >= 0, got {getattr(args, name)}")
-    if args.max_context_tokens < 1:  # before any server starts (vLLM would be given max_model_len=0)
+    if args.max_context_tokens < 1:  # vLLM would be given max_model_len=0
         parser.error(f"--max_context_tokens must be >= 1, got {args.max_context_tokens}")
     if not args.request_timeout > 0:
         parser.error(f"--request_timeout must be > 0 seconds, got {args.request_timeout}")
     try:
-        config = _config(args)
-    except ValueError as error:  # limits and options that do not fit together, before any server starts
+        return _config(args)
+    except ValueError as error:  # limits and options that do not fit together
         parser.error(str(error))
+
+
+def _check_sandbox(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exit with status 2 when the local sandbox cannot run (before any server starts); warn about `--sandbox host`."""
     if args.sandbox == "local":
         from .sandbox import SandboxError, require_bwrap
 
         try:
-            require_bwrap()  # the isolated sandbox's one requirement, checked before any server starts
+            require_bwrap()  # the isolated sandbox's one requirement
         except SandboxError as error:
             parser.error(str(error))
     if args.sandbox == "host":
@@ -201,38 +218,34 @@ def main(argv: list[str] | None = None) -> int:
             "your rights, and see its files, network, processes and environment; use it for trusted models only",
             file=sys.stderr,
         )
-    server = None
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
-        if args.serve_vllm:
-            from .serve import start_vllm_server
 
-            server = start_vllm_server(
+
+def _start_server(args: argparse.Namespace) -> tuple[ServerHandle | None, str, str]:
+    """Start the server that `--serve_vllm` or `--serve_transformers` asks for, if any: the server (`None` with
+    `--base_url`), the endpoint and the model name to ask it for."""
+    if args.serve_vllm:
+        from .serve import VLLMServerArgs, start_vllm_server
+
+        server = start_vllm_server(
+            VLLMServerArgs(
                 args.serve_vllm,
                 tensor_parallel_size=args.tensor_parallel_size,
                 data_parallel_size=args.data_parallel_size,
                 max_model_len=args.max_context_tokens,
                 served_model_name=args.model,  # the name the client asks for
             )
-            base_url, model = server.base_url, args.model or args.serve_vllm
-        elif args.serve_transformers:
-            from .serve import serve_transformers
+        )
+        return server, server.base_url, args.model or args.serve_vllm
+    if args.serve_transformers:
+        from .serve import serve_transformers
 
-            server = serve_transformers(args.serve_transformers)
-            base_url, model = server.base_url, args.model or args.serve_transformers
-        else:
-            base_url, model = args.base_url, args.model
-        summary = asyncio.run(_run(args, config, base_url, model))
-    except (Terminated, asyncio.CancelledError):
-        print("entropo-rollout: terminated (SIGTERM); rerun the same command to resume", file=sys.stderr)
-        return 128 + signal.SIGTERM
-    except KeyboardInterrupt:
-        print("entropo-rollout: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 128 + signal.SIGINT
-    finally:
-        if server is not None:
-            server.stop()
-        signal.signal(signal.SIGTERM, previous)
+        server = serve_transformers(args.serve_transformers)
+        return server, server.base_url, args.model or args.serve_transformers
+    return None, args.base_url, args.model
+
+
+def _report(args: argparse.Namespace, summary: RolloutSummary) -> int:
+    """Print the summary; the exit status: 1 when some episodes errored or were not started, else 0."""
     print(summary)
     print(f"pool: {args.pool}")
     if summary.errors or summary.not_started:
@@ -246,6 +259,29 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = _parse_args(parser, argv)
+    config = _check_options(parser, args)
+    _check_sandbox(parser, args)
+    server = None
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        server, base_url, model = _start_server(args)
+        summary = asyncio.run(_run(args, config, base_url, model))
+    except (Terminated, asyncio.CancelledError):
+        print("entropo-rollout: terminated (SIGTERM); rerun the same command to resume", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    except KeyboardInterrupt:
+        print("entropo-rollout: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 128 + signal.SIGINT
+    finally:
+        if server is not None:
+            server.stop()
+        signal.signal(signal.SIGTERM, previous)
+    return _report(args, summary)
 
 
 if __name__ == "__main__":

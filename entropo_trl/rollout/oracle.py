@@ -34,7 +34,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..data.trajectory import Trajectory, parse_pytest_statuses
+from ..data.test_logs import parse_pytest_statuses
+from ..data.trajectory import Trajectory
 from .sandbox import CommandResult, Sandbox
 from .tasks import DEFAULT_TEST_COMMAND, Task
 

@@ -9,34 +9,17 @@ Each finished episode (agent finished, or a step / token / time limit hit) is la
 the pool as one line. A restarted run reads the pool's `episode_id`s (`{instance_id}/{source}/{sample}`) and skips
 the episodes already there; episodes that were in flight when the process died are run again.
 
-Beside the pool `pool.jsonl`:
-
-- `pool.jsonl.errors.jsonl`: one JSON line per episode that failed for reasons outside the model's answers (the
-  endpoint unreachable, timeouts and HTTP errors after the client's retries, responses that are not chat
-  completions, sandboxes or oracles that would not run). Nothing is written to the pool for such an episode, so a
-  rerun runs it again. A model that answers, however badly, gives a normal trajectory.
-- `pool.jsonl.claims/`: the episodes in flight, one file each, held under an exclusive `flock` by the runner that
-  runs it. Several runners (processes) on one pool and one machine share the work through it, and every episode is
-  recorded once. The kernel drops a dead process's locks, so a killed runner's episodes can be taken at once.
-
-The values of the API-key variables the runner knows (`SECRET_VARIABLES`, other `*_API_KEY` / `*_TOKEN` /
-`*_SECRET` / `*_PASSWORD` variables, and the client's own key) are redacted from what the model is shown and from what
-is written, as a second line of defence behind the sandbox's cleared environment.
+Episodes that fail for reasons outside the model's answers go to an errors file beside the pool instead, and several
+runners on one pool share the work through claims on the episodes in flight (both in `rollout/pool.py`). The
+secrets the runner knows are redacted from what the model is shown and from what is written (`rollout/redaction.py`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
-import fcntl
 import functools
-import hashlib
-import json
 import logging
-import os
-import re
-import socket
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -46,8 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from ..data.trajectory import Trajectory, write_trajectories
-from .client import ChatClient, ContextLimitExceeded, LLMError, SamplingParams, estimate_prompt_tokens
+from .client import ChatClient, Completion, ContextLimitExceeded, LLMError, SamplingParams, estimate_prompt_tokens
 from .oracle import evaluate_patch
+from .pool import EpisodeClaims, PoolIndex, claims_path, done_episodes, episode_id, errors_path, record_error
+from .redaction import known_secrets, redact
 from .sandbox import SANDBOX_BACKENDS, Sandbox, make_sandbox, sweep_stale_sandboxes
 from .scaffold import SYSTEM_PROMPT, instance_prompt, parse_action, with_steps_remaining
 from .tasks import Task
@@ -55,37 +40,13 @@ from .tools import ToolState, execute
 
 logger = logging.getLogger(__name__)
 
-SECRET_VARIABLES = (
-    "OPENAI_API_KEY",
-    "ANTHROPIC_API_KEY",
-    "HF_TOKEN",
-    "HUGGING_FACE_HUB_TOKEN",
-    "WANDB_API_KEY",
-    "GITHUB_TOKEN",
-    "GH_TOKEN",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "GOOGLE_API_KEY",
-    "GEMINI_API_KEY",
-    "AZURE_OPENAI_API_KEY",
-    "MISTRAL_API_KEY",
-    "TOGETHER_API_KEY",
-    "OPENROUTER_API_KEY",
-    "VLLM_API_KEY",
-)
-"""Environment variables whose values the runner redacts from observations and records (besides these, any variable
-named like `*_API_KEY`, `*_TOKEN`, `*_SECRET`, `*_PASSWORD`)."""
-
-_SECRET_NAME = re.compile(r"(?:^|_)(?:API_KEY|TOKEN|SECRET|SECRET_KEY|PASSWORD|ACCESS_KEY)$")
-_MIN_SECRET_CHARS = 8  # shorter values ("1", "true") are not keys, and redacting them would garble observations
-
 CLAIM_POLL_SECONDS = 0.5
 """How often a runner with nothing left but episodes that other runners hold looks at the pool and claims again."""
 
 
 @dataclass
 class RolloutConfig:
-    """Limits and sampling of the rollouts (defaults: the authors' values, DESIGN §4)."""
+    """Limits and sampling of the rollouts (defaults: the authors' values, docs/design.md, 'Rollouts')."""
 
     n: int = 1  # episodes per task
     concurrency: int = 8  # episodes in flight
@@ -131,193 +92,6 @@ def default_sandbox_factory(backend: str = "local", root: str | None = None) -> 
     return functools.partial(make_sandbox, backend, root=root)
 
 
-def episode_id(task: Task, source: str, sample: int) -> str:
-    return f"{task.instance_id}/{source}/{sample}"
-
-
-def errors_path(pool: str | Path) -> Path:
-    """The errors file of a pool: `{pool}.errors.jsonl`."""
-    return Path(f"{pool}.errors.jsonl")
-
-
-def claims_path(pool: str | Path) -> Path:
-    """The folder of a pool's claims on episodes in flight: `{pool}.claims`."""
-    return Path(f"{pool}.claims")
-
-
-# -------------------------------------------------------------------------------------------------- redaction
-
-
-def known_secrets(*extra: str | None) -> list[tuple[str, str]]:
-    """(name, value) of the secrets to redact: the environment's `SECRET_VARIABLES` and other variables named like
-    keys, plus `extra` values (the client's API key), longest value first; values under 8 characters are left out."""
-    found = {
-        value: name
-        for name, value in os.environ.items()
-        if (name in SECRET_VARIABLES or _SECRET_NAME.search(name)) and len(value) >= _MIN_SECRET_CHARS
-    }
-    for value in extra:
-        if value and len(value) >= _MIN_SECRET_CHARS:
-            found.setdefault(value, "API key")
-    return sorted(((name, value) for value, name in found.items()), key=lambda item: -len(item[1]))
-
-
-def redact(value: Any, secrets: Sequence[tuple[str, str]]) -> Any:
-    """`value` with every secret's value replaced by `[redacted NAME]`, in strings, lists and dict values."""
-    if not secrets:
-        return value
-    if isinstance(value, str):
-        for name, secret in secrets:
-            if secret in value:
-                value = value.replace(secret, f"[redacted {name}]")
-        return value
-    if isinstance(value, list):
-        return [redact(item, secrets) for item in value]
-    if isinstance(value, dict):
-        return {key: redact(item, secrets) for key, item in value.items()}
-    return value
-
-
-# ----------------------------------------------------------------------------------------- errors, claims, pool
-
-
-def record_error(path: str | Path, episode: str, error: BaseException, secrets: Sequence[tuple[str, str]] = ()):
-    """Append `{"episode_id", "error", "time", "pid"}` as one line to an errors file (one `write` under `flock`, so
-    concurrent runners do not interleave)."""
-    line = {
-        "episode_id": episode,
-        "error": redact(f"{type(error).__name__}: {error}", secrets),
-        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "pid": os.getpid(),
-    }
-    data = (json.dumps(line, ensure_ascii=False) + "\n").encode()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-
-
-class EpisodeClaims:
-    """Claims on episodes, shared by every runner of one pool on one machine: a folder with one file per episode in
-    flight, held under an exclusive `flock` while its episode runs and removed when it is done.
-
-    The kernel releases a process's locks when it exits, however it exits (SIGKILL included), so a killed runner's
-    episodes can be claimed again at once: no heartbeat or expiry is needed. A leftover file without a lock is free.
-    """
-
-    def __init__(self, folder: str | Path):
-        self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self._held: dict[str, int] = {}
-
-    def _path(self, episode: str) -> Path:
-        return self.folder / (hashlib.sha256(episode.encode()).hexdigest()[:32] + ".lock")
-
-    def claim(self, episode: str) -> bool:
-        """Take `episode` for this runner; False if another runner (or another claim of this process) holds it."""
-        path = self._path(episode)
-        while True:
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            except FileNotFoundError:  # the folder was removed by a runner that finished: make it again
-                self.folder.mkdir(parents=True, exist_ok=True)
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                return False
-            try:
-                same = os.stat(path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if not same:  # locked a file its holder removed in between: claim the path's current file instead
-                os.close(fd)
-                continue
-            note = {"episode_id": episode, "pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, (json.dumps(note) + "\n").encode(), 0)
-            self._held[episode] = fd
-            return True
-
-    def release(self, episode: str) -> None:
-        """Give `episode` back (after its trajectory is in the pool, or after it failed)."""
-        fd = self._held.pop(episode)
-        try:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._path(episode))  # while still locked: see the inode check in `claim`
-        finally:
-            os.close(fd)
-
-    def close(self) -> None:
-        """Release every claim still held, and remove the folder if no other runner uses it."""
-        for episode in list(self._held):
-            self.release(episode)
-        with contextlib.suppress(OSError):
-            self.folder.rmdir()
-
-
-class PoolIndex:
-    """The `episode_id`s recorded in a pool, read incrementally: each `refresh` parses only the lines appended since
-    the last one. A last line without its newline (a write in progress, or one a killed writer never finished) is
-    not counted until it is complete."""
-
-    def __init__(self, pool: str | Path):
-        self.path = Path(pool)
-        self.episodes: set[str] = set()
-        self.unreadable = 0  # complete lines that are not JSON objects with an episode_id
-        self._offset = 0
-
-    def refresh(self) -> set[str]:
-        try:
-            size = self.path.stat().st_size
-        except FileNotFoundError:
-            return self.episodes
-        if size < self._offset:  # replaced or cut by someone else: read it again
-            self.episodes, self.unreadable, self._offset = set(), 0, 0
-        if size == self._offset:
-            return self.episodes
-        with open(self.path, "rb") as handle:
-            handle.seek(self._offset)
-            data = handle.read(size - self._offset)
-        end = data.rfind(b"\n")
-        if end < 0:
-            return self.episodes
-        for line in data[:end].split(b"\n"):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                self.unreadable += 1
-                continue
-            if isinstance(record, dict) and isinstance(record.get("episode_id"), str):
-                self.episodes.add(record["episode_id"])
-            else:
-                self.unreadable += 1
-        self._offset += end + 1
-        return self.episodes
-
-
-def _refuses_the_conversation(error: LLMError) -> bool:
-    """A client error (4xx other than a timeout or a rate limit): the server refuses this request as it is."""
-    return error.status is not None and 400 <= error.status < 500 and error.status not in (408, 409, 429)
-
-
-def done_episodes(pool: str | Path | PoolIndex) -> set[str]:
-    """The `episode_id`s already in a pool (a torn last line is counted as not done); given a [`PoolIndex`], it is
-    refreshed (and keeps its place for later refreshes)."""
-    index = pool if isinstance(pool, PoolIndex) else PoolIndex(pool)
-    done = set(index.refresh())
-    if index.unreadable:
-        logger.warning(f"{index.path}: {index.unreadable} lines without an episode_id skipped")
-    return done
-
-
 # ------------------------------------------------------------------------------------------------------ episodes
 
 
@@ -340,6 +114,138 @@ async def _make_sandbox(executor: ThreadPoolExecutor | None, factory: Callable[[
         raise
 
 
+def _refuses_the_conversation(error: LLMError) -> bool:
+    """A client error (4xx other than a timeout or a rate limit): the server refuses this request as it is."""
+    return error.status is not None and 400 <= error.status < 500 and error.status not in (408, 409, 429)
+
+
+class _Episode:
+    """One episode's agent loop, `run` → `step` → `query`: the conversation with the model about `task` in `sandbox`,
+    the tools' state, the tokens used, and how the episode ended (`exit_reason`, `finished`)."""
+
+    def __init__(
+        self,
+        task: Task,
+        client: ChatClient,
+        config: RolloutConfig,
+        sample: int,
+        sandbox: Sandbox,
+        executor: ThreadPoolExecutor | None,
+        secrets: Sequence[tuple[str, str]],
+        start: float,
+    ):
+        self.client, self.config, self.sandbox, self.executor = client, config, sandbox, executor
+        self.secrets, self.start = secrets, start
+        self.messages: list[dict[str, Any]] = [
+            {"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "user", "content": instance_prompt(task.problem_statement, sandbox.workdir, config.max_steps)},
+        ]
+        self.state, self.exit_reason, self.finished = ToolState(), "max_step_limit", False
+        self.sampling = replace(
+            config.sampling,
+            max_tokens=min(config.sampling.max_tokens, config.max_tokens_per_call),
+            # samples of one task share their prompt: one seed for all would make them the same episode
+            seed=None if config.sampling.seed is None else config.sampling.seed + sample,
+        )
+        self.usage = {"prompt_tokens": 0, "completion_tokens": 0}
+        self.hint: int | None = (
+            None  # the prompt's size from the server's last count, plus an estimate of what came after it
+        )
+
+    async def run(self) -> None:
+        """Steps until the agent finishes or a step, token or time limit ends the episode."""
+        for step in range(self.config.max_steps):
+            if await self.step(step):
+                return
+            if time.monotonic() - self.start > self.config.max_episode_seconds:
+                self.exit_reason = "traj_time_limit"
+                return
+
+    async def step(self, step: int) -> bool:
+        """One turn: the model's answer, its action run in the sandbox, and the observation it gets back. True when
+        the episode ends here."""
+        completion = await self.query(step)
+        if completion is None:
+            return True
+        self.usage["prompt_tokens"] = completion.prompt_tokens
+        self.usage["completion_tokens"] += completion.completion_tokens
+        self.messages.append({"role": "assistant", "content": completion.text})
+        action = parse_action(completion.text)
+        result = await _blocking(self.executor, execute, action, self.sandbox, self.state, self.config.tool_timeout)
+        if result.done:
+            self.exit_reason, self.finished = "agent", True
+            return True
+        steps_left = self.config.max_steps - step - 1
+        observation = {
+            "role": "user",
+            # redacted before the model sees it: neither its next turns nor the record can repeat a key
+            "content": with_steps_remaining(redact(result.observation, self.secrets), steps_left),
+        }
+        self.messages.append(observation)
+        if completion.prompt_tokens > 0:
+            self.hint = completion.prompt_tokens + completion.completion_tokens + estimate_prompt_tokens([observation])
+        return False
+
+    async def query(self, step: int) -> Completion | None:
+        """The model's answer to the conversation so far; None when the conversation cannot go on (it outgrew the
+        context, or the server refuses it once it has grown), with `exit_reason` set."""
+        try:
+            return await self.client.complete(self.messages, self.sampling, prompt_tokens_hint=self.hint)
+        except ContextLimitExceeded:
+            self.exit_reason = "token_limit"
+            return None
+        except LLMError as error:
+            if step == 0 or not _refuses_the_conversation(error):
+                raise  # the endpoint, not this conversation: an error, retried on rerun
+            # a definite 4xx once the conversation has grown (not a context error the client recognised): the same
+            # request would be refused on every rerun, so the episode ends here, recorded
+            self.exit_reason = "llm_request_refused"
+            return None
+
+
+def _record(task: Task, config: RolloutConfig, source: str, sample: int, episode: _Episode, patch: str) -> Trajectory:
+    """The finished episode as an unlabelled trajectory (reward 0), its messages under `config.record_workdir`."""
+    messages, workdir = episode.messages, episode.sandbox.workdir
+    if config.record_workdir and workdir != config.record_workdir:
+        # A local sandbox lives in a fresh temporary folder per episode; recorded under one stable name (as the Docker
+        # images' /testbed), episodes of the same task share their prompt exactly, which preference pairs need.
+        messages = [{**m, "content": m["content"].replace(workdir, config.record_workdir)} for m in messages]
+    return Trajectory(
+        instance_id=task.instance_id,
+        messages=messages,
+        reward=0.0,
+        finished=episode.finished,
+        exit_reason=episode.exit_reason,
+        patch=patch,
+        num_steps=sum(m["role"] == "assistant" for m in messages),
+        source=source,
+        episode_id=episode_id(task, source, sample),
+        metadata={
+            "sample": sample,
+            "seconds": round(time.monotonic() - episode.start, 3),
+            "workdir": workdir,
+            **episode.usage,
+        },
+    )
+
+
+async def _score(
+    trajectory: Trajectory,
+    task: Task,
+    config: RolloutConfig,
+    sandbox_factory: Callable[[Task], Sandbox],
+    executor: ThreadPoolExecutor | None,
+) -> None:
+    """Label `trajectory` by the oracle's run of the task's tests on its patch, when `config.oracle` is set and the
+    task has tests (`metadata["labelled"]` says which)."""
+    trajectory.metadata["labelled"] = bool(config.oracle and (task.FAIL_TO_PASS or task.PASS_TO_PASS))
+    if trajectory.metadata["labelled"]:
+        result = await _blocking(
+            executor, evaluate_patch, task, trajectory.patch, sandbox_factory, config.oracle_timeout
+        )
+        result.label(trajectory)
+
+
 async def run_episode(
     task: Task,
     client: ChatClient,
@@ -358,80 +264,14 @@ async def run_episode(
     secrets = known_secrets(client.api_key)
     start = time.monotonic()
     sandbox = await _make_sandbox(executor, sandbox_factory, task)
-    messages: list[dict[str, Any]] = [
-        {"role": "system", "content": SYSTEM_PROMPT},
-        {"role": "user", "content": instance_prompt(task.problem_statement, sandbox.workdir, config.max_steps)},
-    ]
-    state, exit_reason, finished = ToolState(), "max_step_limit", False
-    sampling = replace(
-        config.sampling,
-        max_tokens=min(config.sampling.max_tokens, config.max_tokens_per_call),
-        # samples of one task share their prompt: one seed for all would make them the same episode
-        seed=None if config.sampling.seed is None else config.sampling.seed + sample,
-    )
-    usage = {"prompt_tokens": 0, "completion_tokens": 0}
-    hint = None  # the prompt's size from the server's last count, plus an estimate of what came after it
+    episode = _Episode(task, client, config, sample, sandbox, executor, secrets, start)
     try:
-        for step in range(config.max_steps):
-            try:
-                completion = await client.complete(messages, sampling, prompt_tokens_hint=hint)
-            except ContextLimitExceeded:
-                exit_reason = "token_limit"
-                break
-            except LLMError as error:
-                if step == 0 or not _refuses_the_conversation(error):
-                    raise  # the endpoint, not this conversation: an error, retried on rerun
-                # a definite 4xx once the conversation has grown (not a context error the client recognised): the same
-                # request would be refused on every rerun, so the episode ends here, recorded
-                exit_reason = "llm_request_refused"
-                break
-            usage["prompt_tokens"] = completion.prompt_tokens
-            usage["completion_tokens"] += completion.completion_tokens
-            messages.append({"role": "assistant", "content": completion.text})
-            action = parse_action(completion.text)
-            result = await _blocking(executor, execute, action, sandbox, state, config.tool_timeout)
-            if result.done:
-                exit_reason, finished = "agent", True
-                break
-            observation = {
-                "role": "user",
-                # redacted before the model sees it: neither its next turns nor the record can repeat a key
-                "content": with_steps_remaining(redact(result.observation, secrets), config.max_steps - step - 1),
-            }
-            messages.append(observation)
-            if completion.prompt_tokens > 0:
-                hint = completion.prompt_tokens + completion.completion_tokens + estimate_prompt_tokens([observation])
-            if time.monotonic() - start > config.max_episode_seconds:
-                exit_reason = "traj_time_limit"
-                break
+        await episode.run()
         patch = await _blocking(executor, sandbox.diff)
     finally:
         await _blocking(executor, sandbox.close)
-    if config.record_workdir and sandbox.workdir != config.record_workdir:
-        # A local sandbox lives in a fresh temporary folder per episode; recorded under one stable name (as the Docker
-        # images' /testbed), episodes of the same task share their prompt exactly, which preference pairs need.
-        messages = [{**m, "content": m["content"].replace(sandbox.workdir, config.record_workdir)} for m in messages]
-    trajectory = Trajectory(
-        instance_id=task.instance_id,
-        messages=messages,
-        reward=0.0,
-        finished=finished,
-        exit_reason=exit_reason,
-        patch=patch,
-        num_steps=sum(m["role"] == "assistant" for m in messages),
-        source=source,
-        episode_id=episode_id(task, source, sample),
-        metadata={
-            "sample": sample,
-            "seconds": round(time.monotonic() - start, 3),
-            "workdir": sandbox.workdir,
-            **usage,
-        },
-    )
-    trajectory.metadata["labelled"] = bool(config.oracle and (task.FAIL_TO_PASS or task.PASS_TO_PASS))
-    if trajectory.metadata["labelled"]:
-        result = await _blocking(executor, evaluate_patch, task, patch, sandbox_factory, config.oracle_timeout)
-        result.label(trajectory)
+    trajectory = _record(task, config, source, sample, episode, patch)
+    await _score(trajectory, task, config, sandbox_factory, executor)
     # the oracle judged the patch as written; the record keeps no secret, wherever the model put it
     trajectory.messages = redact(trajectory.messages, secrets)
     trajectory.patch = redact(trajectory.patch, secrets)
@@ -444,6 +284,8 @@ async def run_episode(
 
 @dataclass
 class RolloutSummary:
+    """What a run of [`run_rollouts`] did, counted in episodes; its `str` is the one-line report."""
+
     pool: str
     total: int  # episodes the task set asks for
     skipped: int  # already in the pool when the run started
@@ -475,6 +317,137 @@ class RolloutSummary:
         return text
 
 
+def _episodes_left(
+    tasks: Sequence[Task], config: RolloutConfig, source: str, index: PoolIndex
+) -> deque[tuple[Task, int]]:
+    """The (task, sample) pairs of the run that are not in the pool yet (a resumed run skips what is done)."""
+    done = done_episodes(index)
+    return deque((task, k) for task in tasks for k in range(config.n) if episode_id(task, source, k) not in done)
+
+
+def _progress_bar(total: int, initial: int):
+    """A tqdm bar over the run's episodes, starting at those already in the pool."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="rollouts", unit="episode")
+
+
+class _Run:
+    """One call of [`run_rollouts`]: the episodes left to do, the claims and threads that run them, and the summary
+    and progress bar that count them. `concurrency` workers share it on one event loop."""
+
+    def __init__(
+        self,
+        tasks: Sequence[Task],
+        client: ChatClient,
+        pool: str | Path,
+        config: RolloutConfig,
+        sandbox_factory: Callable[[Task], Sandbox],
+        progress: bool,
+    ):
+        self.client, self.pool, self.config, self.factory = client, pool, config, sandbox_factory
+        self.source = config.source or client.model
+        self.secrets = known_secrets(client.api_key)
+        self.index = PoolIndex(pool)
+        self.todo = _episodes_left(tasks, config, self.source, self.index)
+        total = len(tasks) * config.n
+        self.summary = RolloutSummary(
+            str(pool), total, total - len(self.todo), 0, 0, errors_file=str(errors_path(pool))
+        )
+        self.bar = _progress_bar(total, total - len(self.todo)) if progress else None
+        self.claims = EpisodeClaims(claims_path(pool))
+        self.executor = ThreadPoolExecutor(max_workers=config.concurrency + 4, thread_name_prefix="entropo-rollout")
+        self.write_lock = asyncio.Lock()
+        self.held_elsewhere: list[tuple[Task, int]] = []  # claimed by another runner when tried: tried again later
+        self.llm_errors_in_a_row = 0
+
+    def stopped(self) -> bool:
+        """Whether `stop_after_llm_errors` episodes in a row could not reach the model: start no more."""
+        limit = self.config.stop_after_llm_errors
+        return limit is not None and self.llm_errors_in_a_row >= limit
+
+    async def worker(self) -> None:
+        """Take episodes off the list until none is left or the run is stopped."""
+        while self.todo or self.held_elsewhere:
+            if self.stopped():
+                return
+            if not self.todo:  # only episodes that other runners hold are left: wait for them to finish or go away
+                await asyncio.sleep(CLAIM_POLL_SECONDS)
+                self.todo.extend(self.held_elsewhere)
+                self.held_elsewhere.clear()
+                continue
+            await self.take(*self.todo.popleft())
+
+    async def take(self, task: Task, sample: int) -> None:
+        """Claim one episode and run it, unless another runner has recorded it meanwhile (counted as theirs) or holds
+        it now (tried again later)."""
+        episode = episode_id(task, self.source, sample)
+        claimed = self.claims.claim(episode)
+        try:
+            if episode in self.index.refresh():  # recorded by another runner since this one read the pool
+                self.summary.by_others += 1
+                if self.bar is not None:
+                    self.bar.update(1)
+            elif not claimed:
+                self.held_elsewhere.append((task, sample))
+            else:
+                await self.run_claimed(task, sample, episode)
+        finally:
+            if claimed:
+                self.claims.release(episode)
+
+    async def run_claimed(self, task: Task, sample: int, episode: str) -> None:
+        """Run a claimed episode and record it: its trajectory in the pool, or its error in the errors file."""
+        try:
+            trajectory = await run_episode(task, self.client, self.config, sample, self.factory, self.executor)
+        except Exception as error:  # noqa: BLE001 - one broken episode must not stop the pool; it is retried on rerun
+            await self.record_failure(episode, error)
+            return
+        self.llm_errors_in_a_row = 0
+        await self.append(trajectory)
+        self.count(trajectory)
+
+    async def record_failure(self, episode: str, error: Exception) -> None:
+        """Log an episode that could not be recorded, count it, and write it to the errors file."""
+        logger.error(f"episode {episode} errored, not recorded: {redact(str(error), self.secrets)}")
+        self.llm_errors_in_a_row = self.llm_errors_in_a_row + 1 if isinstance(error, LLMError) else 0
+        self.summary.errors += 1
+        await _blocking(self.executor, record_error, errors_path(self.pool), episode, error, self.secrets)
+
+    async def append(self, trajectory: Trajectory) -> None:
+        """Write `trajectory` to the pool, one writer at a time; the write is finished even if the run is cancelled
+        meanwhile, so the episode's claim is released only once its line is whole."""
+        async with self.write_lock:
+            write = asyncio.get_running_loop().run_in_executor(
+                self.executor, write_trajectories, self.pool, [trajectory]
+            )
+            try:
+                await asyncio.shield(write)
+            except asyncio.CancelledError:
+                with contextlib.suppress(Exception):
+                    await write
+                raise
+
+    def count(self, trajectory: Trajectory) -> None:
+        """Add a recorded episode to the summary and the progress bar."""
+        summary = self.summary
+        summary.ran += 1
+        summary.passed += trajectory.passed
+        summary.exit_reasons[trajectory.exit_reason] = summary.exit_reasons.get(trajectory.exit_reason, 0) + 1
+        summary.dropped_test_edits += len(trajectory.metadata.get("dropped_test_edits") or ())
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(success=f"{summary.passed / summary.ran:.0%}", refresh=False)
+
+    def close(self) -> None:
+        """Count what was not started, give back the claims still held, stop the threads and close the bar."""
+        self.summary.not_started = len(self.todo) + len(self.held_elsewhere)
+        self.claims.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        if self.bar is not None:
+            self.bar.close()
+
+
 async def run_rollouts(
     tasks: Sequence[Task],
     client: ChatClient,
@@ -491,88 +464,11 @@ async def run_rollouts(
     fail outside the model's answers are logged to `errors_path(pool)` and counted in `summary.errors`."""
     config = config or RolloutConfig()
     factory = sandbox_factory or default_sandbox_factory(config.sandbox, config.sandbox_root)
-    source = config.source or client.model
-    secrets = known_secrets(client.api_key)
-    index = PoolIndex(pool)
-    done = done_episodes(index)
-    todo = deque((task, k) for task in tasks for k in range(config.n) if episode_id(task, source, k) not in done)
-    total = len(tasks) * config.n
-    summary = RolloutSummary(str(pool), total, total - len(todo), 0, 0, errors_file=str(errors_path(pool)))
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, initial=total - len(todo), desc="rollouts", unit="episode")
-    claims = EpisodeClaims(claims_path(pool))
-    executor = ThreadPoolExecutor(max_workers=config.concurrency + 4, thread_name_prefix="entropo-rollout")
-    write_lock = asyncio.Lock()
-    held_elsewhere: list[tuple[Task, int]] = []  # claimed by another runner when tried: tried again later
-    llm_errors_in_a_row = 0
-
-    def stopped() -> bool:
-        return config.stop_after_llm_errors is not None and llm_errors_in_a_row >= config.stop_after_llm_errors
-
-    async def run_claimed(task: Task, sample: int, episode: str) -> None:
-        nonlocal llm_errors_in_a_row
-        try:
-            trajectory = await run_episode(task, client, config, sample, factory, executor)
-        except Exception as error:  # noqa: BLE001 - one broken episode must not stop the pool; it is retried on rerun
-            logger.error(f"episode {episode} errored, not recorded: {redact(str(error), secrets)}")
-            llm_errors_in_a_row = llm_errors_in_a_row + 1 if isinstance(error, LLMError) else 0
-            summary.errors += 1
-            await _blocking(executor, record_error, errors_path(pool), episode, error, secrets)
-            return
-        llm_errors_in_a_row = 0
-        async with write_lock:
-            # finished even if the run is cancelled meanwhile: the claim is released only once the line is whole
-            write = asyncio.get_running_loop().run_in_executor(executor, write_trajectories, pool, [trajectory])
-            try:
-                await asyncio.shield(write)
-            except asyncio.CancelledError:
-                with contextlib.suppress(Exception):
-                    await write
-                raise
-        summary.ran += 1
-        summary.passed += trajectory.passed
-        summary.exit_reasons[trajectory.exit_reason] = summary.exit_reasons.get(trajectory.exit_reason, 0) + 1
-        summary.dropped_test_edits += len(trajectory.metadata.get("dropped_test_edits") or ())
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(success=f"{summary.passed / summary.ran:.0%}", refresh=False)
-
-    async def worker() -> None:
-        while todo or held_elsewhere:
-            if stopped():
-                return
-            if not todo:  # only episodes that other runners hold are left: wait for them to finish or go away
-                await asyncio.sleep(CLAIM_POLL_SECONDS)
-                todo.extend(held_elsewhere)
-                held_elsewhere.clear()
-                continue
-            task, sample = todo.popleft()
-            episode = episode_id(task, source, sample)
-            claimed = claims.claim(episode)
-            try:
-                if episode in index.refresh():  # recorded by another runner since this one read the pool
-                    summary.by_others += 1
-                    if bar is not None:
-                        bar.update(1)
-                elif not claimed:
-                    held_elsewhere.append((task, sample))
-                else:
-                    await run_claimed(task, sample, episode)
-            finally:
-                if claimed:
-                    claims.release(episode)
-
+    run = _Run(tasks, client, pool, config, factory, progress)
     try:
         if config.sandbox != "docker":  # what killed runs left behind (their processes are gone) goes first
-            await _blocking(executor, sweep_stale_sandboxes, config.sandbox_root)
-        await asyncio.gather(*(worker() for _ in range(config.concurrency)))
+            await _blocking(run.executor, sweep_stale_sandboxes, config.sandbox_root)
+        await asyncio.gather(*(run.worker() for _ in range(config.concurrency)))
     finally:
-        summary.not_started = len(todo) + len(held_elsewhere)
-        claims.close()
-        executor.shutdown(wait=False, cancel_futures=True)
-        if bar is not None:
-            bar.close()
-    return summary
+        run.close()
+    return run.summary

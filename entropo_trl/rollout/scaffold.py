@@ -1,24 +1,23 @@
-"""The R2E agent scaffold: the system prompt with its four tools, the instance prompt, and the text call parser.
+"""The R2E agent scaffold: the system prompt with its four tools and the instance prompt.
 
-The model answers with a thought and one call in text form::
-
-    I will look at the failing test first.
-    <function=execute_bash>
-    <parameter=cmd>pytest -x tests/test_parse.py</parameter>
-    </function>
-
-The first call in a response is the action; the text before it is the thought. A response without a call, or with a
-malformed one, is not an error: [`parse_action`] returns an [`Action`] whose `error` says what is wrong, and the
-runner sends that back as the observation.
+The model's calls are parsed by [`parse_action`] (in `entropo_trl.actions`, re-exported here with [`Action`],
+`TOOL_NAMES` and `FINISH_NAMES`): the first call in a response is the action, the text before it the thought.
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
+from ..actions import FINISH_NAMES, TOOL_NAMES, Action, parse_action
 
-TOOL_NAMES = ("file_editor", "execute_bash", "search", "finish")
-FINISH_NAMES = ("finish", "submit")
+__all__ = [
+    "FINISH_NAMES",
+    "INSTANCE_PROMPT",
+    "SYSTEM_PROMPT",
+    "TOOL_NAMES",
+    "Action",
+    "instance_prompt",
+    "parse_action",
+    "with_steps_remaining",
+]
 
 # The scaffold's system prompt, as in appendix D.2 of the EntroPO paper (the standard R2E-Gym scaffold).
 SYSTEM_PROMPT = """You are a programming agent who is provided a github issue and repository bash environment and is tasked to solve certain tasks (e.g., file localization, testcase generation, code repair and editing etc) to resolve the issue.
@@ -150,67 +149,3 @@ def instance_prompt(problem_statement: str, workdir: str, steps_remaining: int) 
 def with_steps_remaining(observation: str, steps_remaining: int) -> str:
     """Every observation ends with the number of steps left, as in R2E-Gym."""
     return f"{observation.rstrip()}\nSteps Remaining: {steps_remaining}"
-
-
-@dataclass
-class Action:
-    """One parsed model response. `name` is None when the response holds no valid call (`error` says why)."""
-
-    name: str | None
-    parameters: dict[str, str] = field(default_factory=dict)
-    thought: str = ""
-    error: str | None = None
-
-    @property
-    def is_finish(self) -> bool:
-        return self.name in FINISH_NAMES
-
-    def to_text(self) -> str:
-        """The call in the scaffold's text format (what a scripted policy sends)."""
-        lines = [f"<function={self.name}>"]
-        lines += [f"<parameter={key}>{value}</parameter>" for key, value in self.parameters.items()]
-        lines.append("</function>")
-        return (self.thought + "\n" if self.thought else "") + "\n".join(lines)
-
-
-_FUNCTION = re.compile(r"<function\s*=\s*([^>\n]*)>")
-_FUNCTION_END = re.compile(r"</function\s*>")
-_PARAMETER = re.compile(r"<parameter\s*=\s*([^>\n]*)>(.*?)</parameter\s*>", re.DOTALL)
-
-
-def parse_action(text: str) -> Action:
-    """Parse the first `<function=NAME>...</function>` call of a response. Never raises: a missing or malformed call
-    gives an `Action` with `name=None` and an `error` to show the model."""
-    if not isinstance(text, str):
-        return Action(None, error=f"the response is not text ({type(text).__name__})")
-    start = _FUNCTION.search(text)
-    if start is None:
-        return Action(
-            None,
-            thought=text.strip(),
-            error=(
-                "No function call found. Reply with your reasoning followed by exactly one call in the format "
-                "<function=NAME>\n<parameter=KEY>VALUE</parameter>\n</function>."
-            ),
-        )
-    thought = text[: start.start()].strip()
-    name = start.group(1).strip()
-    end = _FUNCTION_END.search(text, start.end())
-    if end is None:
-        return Action(None, thought=thought, error=f"The call to {name!r} is missing its closing </function> tag.")
-    body = text[start.end() : end.start()]
-    if not name:
-        return Action(None, thought=thought, error="The function call has no name: use <function=NAME>.")
-    if name not in TOOL_NAMES and name not in FINISH_NAMES:
-        return Action(
-            None, thought=thought, error=(f"Unknown function {name!r}. Available functions: {', '.join(TOOL_NAMES)}.")
-        )
-    parameters: dict[str, str] = {}
-    for match in _PARAMETER.finditer(body):
-        key, value = match.group(1).strip(), match.group(2)
-        if value.startswith("\n"):
-            value = value[1:]
-        if value.endswith("\n"):
-            value = value[:-1]
-        parameters.setdefault(key, value)
-    return Action("finish" if name == "submit" else name, parameters, thought)

@@ -20,8 +20,8 @@ import re
 import shlex
 from dataclasses import dataclass, field
 
+from ..actions import FINISH_NAMES, Action
 from .sandbox import Sandbox
-from .scaffold import FINISH_NAMES, Action
 
 MAX_OBSERVATION_CHARS = 10_000
 # Python files longer than this are shown as a skeleton unless `concise=false` or a `view_range` is given.

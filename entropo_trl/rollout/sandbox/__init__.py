@@ -1,0 +1,106 @@
+"""Sandboxes: where an agent's commands run and its files live, one per episode.
+
+Three implementations share one interface, [`Sandbox`] (`base.py`); [`make_sandbox`] picks one by backend name:
+
+- "local" (`local.py`): [`BwrapSandbox`] copies a folder into a private temporary directory and mounts it at
+  `/testbed` inside a bubblewrap (`bwrap`) namespace for every command and file operation: no network, a cleared
+  environment, a read-only view of the system's programs and nothing else of the host, a private `/tmp`, its own PID
+  namespace (no process outlives its call) and limits on file size, processes and memory. The model's commands are
+  hostile input.
+- "host" (`host.py`): [`LocalSandbox`], the same private copy, with commands run on the host with `bash -c`. No
+  isolation beyond the copy: for trusted tasks only.
+- "docker" (`docker.py`): [`DockerSandbox`] runs one container per episode (e.g. an R2E-Gym / SWE-bench image with the
+  repository at `/testbed`, no network by default) and talks to it through the `docker` CLI. Every command line is
+  built by a small pure method, so it can be checked without a daemon.
+
+All record a base commit when they start; [`Sandbox.diff`] is the agent's patch against it (new files included), and
+[`Sandbox.apply_patch`] replays such a patch in another sandbox. Host commands run through [`run_process`]
+(`process.py`: time limits, capped output, process groups); the private copies and the prepared checkouts they are
+copied from live in `checkout.py`, whose [`sweep_stale_sandboxes`] removes the copies that runs which died without
+cleaning up left behind.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .base import (
+    COMMAND_ENV,
+    DEFAULT_MAX_OUTPUT,
+    DEFAULT_TIMEOUT,
+    FILE_TIMEOUT,
+    MAX_LIST_ENTRIES,
+    MAX_READ_BYTES,
+    CommandResult,
+    Sandbox,
+    SandboxError,
+    ShellSandbox,
+    special_file_error,
+    too_large_error,
+)
+from .checkout import MAX_TEMPLATES, SANDBOX_PREFIX, sweep_stale_sandboxes
+from .docker import SWEBENCH_SETUP, DockerSandbox, default_docker_setup
+from .host import LocalSandbox, _warn_unisolated
+from .local import BWRAP_MISSING, SANDBOX_WORKDIR, SYSTEM_PATH, BwrapSandbox, SandboxLimits, require_bwrap
+from .process import run_process
+
+if TYPE_CHECKING:
+    from ..tasks import Task
+
+SANDBOX_BACKENDS = ("local", "host", "docker")
+
+
+def make_sandbox(backend: str, task: Task, root: str | None = None) -> Sandbox:
+    """A fresh sandbox for one episode of `task`: "local" an isolated [`BwrapSandbox`] of `task.repo_path` under
+    `root`, "host" an unisolated [`LocalSandbox`] (with a warning), "docker" a started [`DockerSandbox`] of
+    `task.image` (no network). The task's own environment variables are `task.metadata["env"]` (local only)."""
+    if backend == "docker":
+        if not task.image:
+            raise ValueError(f"task {task.instance_id} has no Docker image")
+        sandbox = DockerSandbox(
+            task.image, setup=task.metadata.get("docker_setup") or default_docker_setup(task.image)
+        )
+        return sandbox.start()
+    if backend not in SANDBOX_BACKENDS:
+        raise ValueError(f"unknown sandbox backend {backend!r}; choose one of {', '.join(SANDBOX_BACKENDS)}")
+    if not task.repo_path:
+        raise ValueError(f"task {task.instance_id} has no local repository (repo_path); use the docker sandbox")
+    if backend == "host":
+        _warn_unisolated()
+        return LocalSandbox(task.repo_path, task.base_commit, root=root)
+    env = task.metadata.get("env") or {}
+    if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+        raise ValueError(f"task {task.instance_id}: metadata 'env' must map variable names to strings")
+    return BwrapSandbox(task.repo_path, task.base_commit, root=root, env=env)
+
+
+__all__ = [
+    "BWRAP_MISSING",
+    "COMMAND_ENV",
+    "DEFAULT_MAX_OUTPUT",
+    "DEFAULT_TIMEOUT",
+    "FILE_TIMEOUT",
+    "MAX_LIST_ENTRIES",
+    "MAX_READ_BYTES",
+    "MAX_TEMPLATES",
+    "SANDBOX_BACKENDS",
+    "SANDBOX_PREFIX",
+    "SANDBOX_WORKDIR",
+    "SWEBENCH_SETUP",
+    "SYSTEM_PATH",
+    "BwrapSandbox",
+    "CommandResult",
+    "DockerSandbox",
+    "LocalSandbox",
+    "Sandbox",
+    "SandboxError",
+    "SandboxLimits",
+    "ShellSandbox",
+    "default_docker_setup",
+    "make_sandbox",
+    "require_bwrap",
+    "run_process",
+    "special_file_error",
+    "sweep_stale_sandboxes",
+    "too_large_error",
+]

@@ -1,0 +1,201 @@
+"""`entropo experiment` and the α sweep: the shipped sweep files parse into command lines the experiment accepts, and a
+two-point sweep (α = β and α = 1.1 β) runs end to end on a CPU, offline, killed once and resumed: a tiny student, toy
+tasks (two held out for evaluation, two for the scripted teacher's training data), the transformers server, the
+isolated sandbox, W&B offline."""
+
+import asyncio
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import wandb_offline_history
+
+from entropo_trl.experiment import ExperimentArguments, parse_args, recipe_file, training_command
+from entropo_trl.train import RECIPES_DIR
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def agent_command(sweep: dict, values: dict) -> list[str]:
+    """The command line `wandb agent` runs for one point of a sweep: `${program}` and `${args}` (`--name=value` for
+    each parameter) substituted into the sweep's `command`; `${env}` is the environment, left out."""
+    args = [f"--{name}={value}" for name, value in values.items()]
+    command = []
+    for part in sweep["command"]:
+        command += {"${env}": [], "${program}": [sweep["program"]], "${args}": args}.get(part, [part])
+    return command
+
+
+@pytest.mark.parametrize("name", ["alpha", "temperature"])
+def test_the_shipped_sweeps_optimise_resolve_rate_and_their_commands_parse(name, monkeypatch):
+    sweep = yaml.safe_load((RECIPES_DIR / "sweeps" / f"{name}.yaml").read_text())
+    assert sweep["method"] == "grid"
+    assert sweep["metric"] == {"name": "eval/resolve_rate@N", "goal": "maximize"}
+    parameters = sweep["parameters"]
+    if name == "alpha":
+        assert parameters["alpha"]["values"] == [0.1, 0.105, 0.11, 0.12, 0.13, 0.15]
+        assert parameters["beta"] == {"value": 0.1}  # alpha = beta: the multi-turn KTO baseline
+    else:
+        assert parameters["alpha"] == parameters["beta"] == {"value": 0.1}
+        assert parameters["temperature"]["values"] == [0.5, 0.7, 1.0, 1.2, 1.5, 1.8]
+    grid = [{k: v["value"] for k, v in parameters.items() if "value" in v}]
+    for axis, spec in ((k, v) for k, v in parameters.items() if "values" in v):
+        grid = [{**point, axis: value} for point in grid for value in spec["values"]]
+    assert (ROOT / sweep["program"]).exists()
+    monkeypatch.chdir(ROOT)  # the agent runs in the checkout the sweep was created from
+    for point in grid:
+        command = agent_command(sweep, point)
+        assert command[:2] == ["python", "recipes/experiment.py"]
+        args = parse_args(command[2:])
+        assert (args.alpha, args.beta) == (point["alpha"], point["beta"])
+        assert args.temperature == point.get("temperature", 0.7)
+        # the paper's test time: N = 16 on SWE-bench Verified, 200 steps, 131,072 tokens, Docker, vLLM
+        assert (args.n, args.max_steps, args.max_context_tokens, args.sandbox, args.server) == (
+            16, 200, 131_072, "docker", "vllm"
+        )  # fmt: skip
+        assert args.tasks.endswith("swebench_verified.jsonl") and args.selector == "paper-verified"
+        train = training_command(args, Path(args.output_dir) / "train")
+        assert train[1:3] == ["-m", "accelerate.commands.launch"] and f"--alpha {point['alpha']}" in shlex.join(train)
+        assert recipe_file(args.train_config, "train_config").startswith(str(RECIPES_DIR))
+
+
+def test_bad_settings_are_refused_before_anything_runs(tmp_path):
+    with pytest.raises(SystemExit, match="--tasks is required"):
+        ExperimentArguments(model="m", dataset_name="d")
+    with pytest.raises(SystemExit, match="bad --method 'kto'"):
+        ExperimentArguments(model="m", dataset_name="d", tasks="t", method="kto")
+    with pytest.raises(SystemExit, match="together"):
+        ExperimentArguments(model="m", dataset_name="d", tasks="t", verifier_url="http://x")
+    with pytest.raises(SystemExit, match="no shipped recipe"):
+        recipe_file("nowhere/ekto.yaml", "train_config")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the two-point sweep on a CPU
+# ---------------------------------------------------------------------------------------------------------------------
+
+TRAIN_FLAGS = (
+    "--max_steps 2 --per_device_train_batch_size 2 --bf16 false --use_peft --lora_target_modules all-linear "
+    "--learning_rate 0.01 --activation_checkpointing false --save_strategy no --logging_steps 1 --max_length 16384"
+)
+
+
+@pytest.fixture(scope="module")
+def sweep_setup(tmp_path_factory):
+    """A tiny student (the SFT model), KTO rows from the scripted teacher on two toy tasks, two held-out toy tasks and
+    the CPU experiment config (what a CPU forces: the transformers server, tiny limits, fp32 LoRA flags)."""
+    from entropo_trl.rollout.sandbox import SandboxError, require_bwrap
+
+    try:
+        require_bwrap()
+    except SandboxError as error:
+        pytest.skip(f"the isolated sandbox is not available here: {error}")
+    from entropo_trl.data.builders import build_kto_rows
+    from entropo_trl.data.readers import read_trajectories
+    from entropo_trl.demo import teacher_rollouts
+    from entropo_trl.rollout.toy import make_toy_tasks
+    from entropo_trl.testing import build_tiny_model, build_tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("sweep")
+    tokenizer = build_tiny_tokenizer("qwen3")
+    build_tiny_model(tokenizer).save_pretrained(root / "sft")
+    tokenizer.save_pretrained(root / "sft")
+    make_toy_tasks(root / "train_tasks", n=4)
+    (root / "heldout").mkdir()
+    for name in ("toy__toolkit-3", "toy__toolkit-4"):
+        shutil.move(root / "train_tasks" / name, root / "heldout" / name)
+    from entropo_trl.rollout.tasks import load_tasks
+
+    asyncio.run(teacher_rollouts(load_tasks(root / "train_tasks"), root / "teacher.jsonl", {"n": 2}))
+    rows = build_kto_rows(read_trajectories([str(root / "teacher.jsonl")]))
+    with open(root / "kto.jsonl", "w") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+    config = {
+        "model": str(root / "sft"),
+        "dataset_name": str(root / "kto.jsonl"),
+        "tasks": str(root / "heldout"),
+        "beta": 0.1,
+        "train_flags": TRAIN_FLAGS,
+        "n": 2,
+        "max_steps": 2,
+        "max_tokens": 24,
+        "max_context_tokens": 1_000_000,
+        "concurrency": 2,
+        "server": "transformers",
+        "selector": "paper-verified",
+        "report_to": "wandb",
+    }
+    (root / "cpu.yaml").write_text(yaml.safe_dump(config))
+    return root
+
+
+def experiment(root: Path, alpha: float, **popen):
+    command = [sys.executable, "-m", "entropo_trl", "experiment", "--config", str(root / "cpu.yaml")]
+    command += [f"--alpha={alpha}", "--output_dir", str(root / "experiments" / f"a{alpha}")]
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "TQDM_DISABLE": "1"}
+    return subprocess.Popen(command, env=env, cwd=root, text=True, start_new_session=True, **popen)
+
+
+def finish(process, timeout=900) -> str:
+    out, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, out[-4000:]
+    return out
+
+
+def test_a_two_point_sweep_runs_end_to_end_killed_once_and_resumed(sweep_setup):
+    root = sweep_setup
+    first = root / "experiments" / "a0.1"
+    process = experiment(root, 0.1, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while not (first / "merge.done").exists():  # killed in its rollout stage, the server and sandboxes running
+        assert process.poll() is None and time.monotonic() < deadline, "the experiment stopped before merging"
+        time.sleep(0.5)
+    time.sleep(3)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (first / "eval.json").exists()
+
+    resumed = finish(experiment(root, 0.1, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    assert "1/5 train: done before" in resumed and "2/5 merge: done before" in resumed
+    assert "3/5 rollouts" in resumed and "5/5 evaluate" in resumed
+    finish(experiment(root, 0.11, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+
+    for alpha in (0.1, 0.11):
+        folder = root / "experiments" / f"a{alpha}"
+        evaluation = json.loads((folder / "eval.json").read_text())
+        assert evaluation["alpha"] == alpha and evaluation["n"] == 2 and evaluation["labelled_instances"] == 2
+        pool = [json.loads(line) for line in (folder / "rollouts" / "pool.jsonl").read_text().splitlines()]
+        episodes = [t["episode_id"] for t in pool]
+        assert len(episodes) == len(set(episodes)) == 4  # 2 held-out tasks x N = 2, each once after the kill
+        assert {t["instance_id"] for t in pool} == {"toy__toolkit-3", "toy__toolkit-4"}
+
+        # one W&B run holds the training metrics and the evaluation
+        run_id = (folder / "wandb_run_id").read_text().strip()
+        history = wandb_offline_history(folder)
+        assert set(history) == {run_id}
+        keys = {key for row in history[run_id] for key in row}
+        assert {"train/loss", "eval/resolve_rate@1", "eval/resolve_rate@N", "eval/pass@1", "eval/pass@2"} <= keys
+        assert "eval/distinct_patches" in keys
+        logged = next(row for row in history[run_id] if "eval/resolve_rate@N" in row)
+        assert logged["eval/resolve_rate@N"] == pytest.approx(evaluation["metrics"]["eval/resolve_rate@N"])
+
+    # the report's alpha-sweep figure shows both points
+    report = subprocess.run(
+        [sys.executable, "-m", "entropo_trl", "report", "--sweep", str(root / "experiments"), "--output",
+         str(root / "report"), "--draws", "50"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert report.returncode == 0, report.stderr[-3000:]
+    text = (root / "report" / "report.md").read_text()
+    sweep_section = text[text.index("## Alpha sweep") :]
+    assert "0.1" in sweep_section and "0.11" in sweep_section
+    assert (root / "report" / "alpha_sweep.png").stat().st_size > 0
