@@ -29,15 +29,23 @@ import json
 import os
 import secrets
 import shlex
+import signal
+import socket
 import string
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 from .stages import Stage, pin_options, run_stages
 
 PREFIX = "experiment"
+# the settings that decide an experiment's results: a rerun in the same folder must keep them (where it runs, on which
+# port or GPUs, and where it logs may change)
+PINNED = (
+    "model", "dataset_name", "tasks", "method", "alpha", "beta", "train_config", "train_flags", "n", "runs",
+    "temperature", "max_steps", "max_context_tokens", "max_tokens", "sandbox", "verifier", "verifier_model", "selector",
+)  # fmt: skip
 
 
 @dataclass
@@ -99,10 +107,36 @@ class ExperimentArguments:
                 raise SystemExit(f"entropo experiment: bad --{name} {getattr(self, name)!r}")
         if bool(self.verifier_url) != bool(self.verifier_model):
             raise SystemExit("entropo experiment: give --verifier_url and --verifier_model together")
+        self._check_components()
         if self.output_dir is None:
             name = f"{self.method}-b{self.beta:g}-a{self.alpha:g}"
             name += f"-t{self.temperature:g}" if self.temperature != 0.7 else ""
             self.output_dir = str(Path("experiments") / name)
+
+    def _check_components(self) -> None:
+        """Settings that would otherwise fail only in a late stage, after hours of training."""
+        import importlib.util
+
+        from .evaluation.selection import PRESETS
+        from .rollout.sandbox import SANDBOX_BACKENDS
+        from .train import recipe_config
+
+        if self.selector not in PRESETS:
+            raise SystemExit(f"entropo experiment: unknown --selector {self.selector!r} (presets: {sorted(PRESETS)})")
+        if self.sandbox not in SANDBOX_BACKENDS:
+            raise SystemExit(f"entropo experiment: unknown --sandbox {self.sandbox!r} ({', '.join(SANDBOX_BACKENDS)})")
+        if self.train_config is None and recipe_config(self.model, self.method) is None:
+            raise SystemExit(
+                f"entropo experiment: no {self.method} recipe for --model {self.model} (a local SFT model has none): "
+                "give --train_config, e.g. qwen3-coder-30b-a3b-instruct/ekto.yaml or your own YAML"
+            )
+        if self.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
+            raise SystemExit("entropo experiment: report_to wandb needs wandb: pip install 'entropo-trl[wandb]'")
+        if not (self.verifier or self.verifier_url) and "verifier" in PRESETS[self.selector].stages:
+            print(
+                f"[{PREFIX}] no verifier given: the {self.selector} selector's verifier stage keeps every candidate",
+                file=sys.stderr,
+            )
 
 
 def parse_args(argv: list[str] | None = None) -> ExperimentArguments:
@@ -122,14 +156,15 @@ def parse_args(argv: list[str] | None = None) -> ExperimentArguments:
 
 
 def wandb_run_id(args: ExperimentArguments, folder: Path) -> str | None:
-    """The experiment's W&B run id: the sweep agent's (`WANDB_RUN_ID`) or a new one, kept in the run folder so a
-    rerun logs into the same run. None with `report_to: none`."""
+    """The experiment's W&B run id: the sweep agent's (`WANDB_RUN_ID`), or the one kept in the run folder (a rerun
+    logs into the run that trained), or a new one. None with `report_to: none`."""
     if args.report_to != "wandb":
         return None
     id_file = folder / "wandb_run_id"
-    if not id_file.exists():
+    agent_id = os.environ.get("WANDB_RUN_ID")  # a sweep agent's run: W&B ignores any other id inside a sweep
+    if agent_id or not id_file.exists():
         new_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # W&B's shape
-        id_file.write_text(os.environ.get("WANDB_RUN_ID") or new_id)
+        id_file.write_text(agent_id or new_id)
     return id_file.read_text().strip()
 
 
@@ -199,7 +234,7 @@ def training_command(args: ExperimentArguments, output_dir: Path) -> list[str]:
     config = recipe_file(args.train_config, "train_config")
     argv += ["--config", config] if config else []
     argv += ["--alpha", str(args.alpha), "--beta", str(args.beta), "--report_to", args.report_to]
-    argv += ["--run_name", output_dir.parent.name, *shlex.split(args.train_flags)]
+    argv += ["--run_name", output_dir.resolve().parent.name, *shlex.split(args.train_flags)]
     return [*launcher, "-m", "entropo_trl", "train", args.method, *argv]
 
 
@@ -210,8 +245,18 @@ def train(args: ExperimentArguments, output_dir: Path, env: dict[str, str]) -> d
 
     command = training_command(args, output_dir)
     print(f"[{PREFIX}] training: {shlex.join(command)}", flush=True)
-    if subprocess.run(command, env={**os.environ, **env}).returncode != 0:
-        raise SystemExit(f"the training stage failed: {shlex.join(command)}")
+    process = subprocess.Popen(command, env={**os.environ, **env}, start_new_session=True)
+    try:
+        returncode = process.wait()
+    finally:  # stopped (SIGTERM, Ctrl-C): the trainers stop too, so a rerun never meets a second one in its folder
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+    if returncode != 0:
+        raise SystemExit(f"the training stage failed (exit status {returncode}): {shlex.join(command)}")
     return {"adapter": str(output_dir)}
 
 
@@ -234,6 +279,12 @@ def serve(args: ExperimentArguments, model: Path):
         return serve_transformers(str(model), model_name="policy")
     from .rollout.serve import VLLMServerArgs, start_vllm_server
 
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", args.port)) == 0:
+            raise SystemExit(
+                f"port {args.port} is taken (a server left by a killed run?): the policy would be served by whatever "
+                "answers there; stop it, or pass --port"
+            )
     server_args = VLLMServerArgs(
         model=str(model),
         port=args.port,
@@ -292,6 +343,13 @@ def score(args: ExperimentArguments, pool: Path, scored: Path) -> dict:
         scores = asyncio.run(endpoint_scores())
     else:
         scores = score_with_model(trajectories, *load_verifier(args.verifier), max_tokens=None)
+    unscored = sum(score is None for score in scores)
+    if unscored > len(scores) // 10:
+        where = args.verifier_url or args.verifier
+        raise SystemExit(
+            f"the verifier ({where}) scored only {len(scores) - unscored} of {len(scores)} trajectories: is it up? "
+            "(the stage reruns on the next run)"
+        )
     partial_file = scored.with_name(scored.name + ".partial")
     partial_file.unlink(missing_ok=True)
     write_trajectories(partial_file, trajectories)
@@ -357,14 +415,19 @@ def run_experiment(args: ExperimentArguments) -> dict:
     """Run (or resume) one experiment; returns its `eval/...` figures."""
     folder = Path(args.output_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    options = {k: v for k, v in asdict(args).items() if k not in ("concurrency", "report_to", "wandb_project")}
-    pin_options(folder, options, what="experiment")
+    pin_options(folder, {k: getattr(args, k) for k in PINNED}, what="experiment", folder_flag="--output_dir")
+    evaluated_before = (folder / "eval.done").exists()
+    previous_id = (folder / "wandb_run_id").read_text().strip() if (folder / "wandb_run_id").exists() else None
     run_id = wandb_run_id(args, folder)
     *_, metrics = run_stages(experiment_stages(args, folder, run_id), folder, PREFIX)
+    if evaluated_before and run_id is not None and run_id != previous_id:  # a sweep agent's run over a finished one
+        log_evaluation(args, folder, run_id, json.loads((folder / "eval.json").read_text()))
     return metrics
 
 
 def main(argv: list[str] | None = None) -> int:
+    # a sweep agent or a scheduler stops a run with SIGTERM: unwind, so the training process and the server stop too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args = parse_args(argv)
     metrics = run_experiment(args)
     print(json.dumps({k: round(v, 4) for k, v in metrics.items() if "@" in k}, indent=1))

@@ -14,6 +14,7 @@ instead of running the stage again. [`pin_options`] refuses to resume a folder m
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,8 +54,7 @@ def run_or_skip(stage: Stage, workdir: str | Path, prefix: str) -> Any:
         return json.loads(marker.read_text())
     result = stage.run()
     if marker is not None:
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(json.dumps(result, indent=2))
+        write_atomically(marker, json.dumps(result, indent=2))
     say(prefix, stage.name, stage.describe(result))
     return result
 
@@ -64,13 +64,27 @@ def run_stages(stages: Sequence[Stage], workdir: str | Path, prefix: str) -> lis
     return [run_or_skip(stage, workdir, prefix) for stage in stages]
 
 
-def pin_options(workdir: str | Path, options: dict[str, Any], what: str = "run") -> None:
-    """Record the options a run under `workdir` is made with; a rerun with other options would mix two runs, so it
-    is refused (`SystemExit`)."""
+def write_atomically(path: Path, text: str) -> None:
+    """Write `path` whole or not at all (a kill mid-write leaves the old file, or none, never half of one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
+def pin_options(
+    workdir: str | Path, options: dict[str, Any], what: str = "run", folder_flag: str = "--workdir"
+) -> None:
+    """Record the options that decide a run's results under `workdir`; a rerun with other values would mix two runs,
+    so it is refused (`SystemExit`), naming the differences."""
     recorded = Path(workdir) / "options.json"
-    if recorded.exists() and json.loads(recorded.read_text()) != options:
-        raise SystemExit(
-            f"{workdir} holds a {what} made with other options ({recorded}: {recorded.read_text().strip()}); "
-            "use another --workdir, or delete this one to start again"
-        )
-    recorded.write_text(json.dumps(options))
+    if recorded.exists():
+        before = json.loads(recorded.read_text())
+        changed = sorted(k for k in {*before, *options} if before.get(k) != options.get(k))
+        if changed:
+            details = "; ".join(f"{k}: {before.get(k)!r} then, {options.get(k)!r} now" for k in changed)
+            raise SystemExit(
+                f"{workdir} holds a {what} made with other options ({details}); use another {folder_flag}, or "
+                "delete this one to start again"
+            )
+    write_atomically(recorded, json.dumps(options))

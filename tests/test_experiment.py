@@ -67,6 +67,45 @@ def test_the_shipped_sweeps_optimise_resolve_rate_and_their_commands_parse(name,
         assert recipe_file(args.train_config, "train_config").startswith(str(RECIPES_DIR))
 
 
+def test_resolve_rates_at_1_and_n_over_runs():
+    """@1: every rollout is a run of N = 1 (mean ± std over sample indices); @N: the selector's pick among each run's
+    block of N samples, mean ± std over runs. Ties in sample numbers keep the pool's order."""
+    from entropo_trl.data.trajectory import Trajectory
+    from entropo_trl.evaluation.resolve import by_sample, evaluate_pool
+    from entropo_trl.evaluation.selection import HybridSelector, SelectorConfig
+
+    def rollout(instance, sample, reward, steps):
+        messages = [{"role": "user", "content": "fix"}] + [{"role": "assistant", "content": "x"}] * steps
+        return Trajectory(instance_id=instance, messages=messages, reward=reward, finished=True, num_steps=steps,
+                          patch=f"p{sample}", episode_id=f"{instance}/policy/{sample}")  # fmt: skip
+
+    # samples 0-1 are run 0, 2-3 run 1; the `steps` stage (most turns) picks the longer of each block
+    pool = {
+        "a": [rollout("a", 3, 0.0, 9), rollout("a", 0, 1.0, 5), rollout("a", 1, 0.0, 2), rollout("a", 2, 1.0, 1)],
+        "b": [rollout("b", 0, 0.0, 1), rollout("b", 1, 1.0, 4), rollout("b", 2, 0.0, 3), rollout("b", 3, 0.0, 2)],
+    }
+    evaluation = evaluate_pool(pool, HybridSelector(SelectorConfig(["steps"], steps="most")), n=2, runs=2)
+    metrics = evaluation["metrics"]
+    assert metrics["eval/resolve_rate@1"] == pytest.approx((0.5 + 0.5 + 0.5 + 0.0) / 4)
+    # run 0: a picks sample 0 (1.0), b sample 1 (1.0); run 1: a picks sample 3 (0.0), b sample 2 (0.0)
+    assert metrics["eval/resolve_rate@N"] == pytest.approx(0.5)
+    assert metrics["eval/resolve_rate@N_std"] == pytest.approx(0.7071, abs=1e-4)
+    assert metrics["eval/pass@1"] == pytest.approx(0.375)  # a: 2 of 4 pass, b: 1 of 4
+    assert metrics["eval/pass@2"] == pytest.approx((5 / 6 + 1 / 2) / 2)  # 1 - C(n - c, 2) / C(n, 2)
+    assert [point[0] for point in evaluation["curve"]] == [1, 2]
+    tied = {"a": [rollout("a", 0, 0.0, 1), rollout("a", 0, 1.0, 1)]}
+    assert [t.reward for t in by_sample(tied)["a"]] == [0.0, 1.0]
+
+
+def test_a_rerun_with_other_settings_names_them(tmp_path):
+    from entropo_trl.stages import pin_options
+
+    pin_options(tmp_path, {"alpha": 0.1, "n": 16}, what="experiment", folder_flag="--output_dir")
+    pin_options(tmp_path, {"alpha": 0.1, "n": 16}, what="experiment", folder_flag="--output_dir")
+    with pytest.raises(SystemExit, match=r"n: 16 then, 8 now\); use another --output_dir"):
+        pin_options(tmp_path, {"alpha": 0.1, "n": 8}, what="experiment", folder_flag="--output_dir")
+
+
 def test_bad_settings_are_refused_before_anything_runs(tmp_path):
     with pytest.raises(SystemExit, match="--tasks is required"):
         ExperimentArguments(model="m", dataset_name="d")
@@ -76,15 +115,21 @@ def test_bad_settings_are_refused_before_anything_runs(tmp_path):
         ExperimentArguments(model="m", dataset_name="d", tasks="t", verifier_url="http://x")
     with pytest.raises(SystemExit, match="no shipped recipe"):
         recipe_file("nowhere/ekto.yaml", "train_config")
+    with pytest.raises(SystemExit, match="unknown --selector 'paper_verified'"):
+        ExperimentArguments(model="m", dataset_name="d", tasks="t", train_config="c", selector="paper_verified")
+    with pytest.raises(SystemExit, match="give --train_config"):
+        ExperimentArguments(model=str(tmp_path), dataset_name="d", tasks="t")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # the two-point sweep on a CPU
 # ---------------------------------------------------------------------------------------------------------------------
 
+# the shipped 4B recipe, with what a CPU and a test's time force: fp32, two short steps, no checkpoints
+TRAIN_CONFIG = "qwen3-4b-instruct-2507/ekto.yaml"
 TRAIN_FLAGS = (
-    "--max_steps 2 --per_device_train_batch_size 2 --bf16 false --use_peft --lora_target_modules all-linear "
-    "--learning_rate 0.01 --activation_checkpointing false --save_strategy no --logging_steps 1 --max_length 16384"
+    "--bf16 false --max_steps 2 --per_device_train_batch_size 2 --gradient_accumulation_steps 1 "
+    "--activation_checkpointing false --save_strategy no --logging_steps 1 --learning_rate 0.01"
 )
 
 
@@ -124,6 +169,7 @@ def sweep_setup(tmp_path_factory):
         "dataset_name": str(root / "kto.jsonl"),
         "tasks": str(root / "heldout"),
         "beta": 0.1,
+        "train_config": TRAIN_CONFIG,
         "train_flags": TRAIN_FLAGS,
         "n": 2,
         "max_steps": 2,
@@ -196,6 +242,7 @@ def test_a_two_point_sweep_runs_end_to_end_killed_once_and_resumed(sweep_setup):
     )  # fmt: skip
     assert report.returncode == 0, report.stderr[-3000:]
     text = (root / "report" / "report.md").read_text()
-    sweep_section = text[text.index("## Alpha sweep") :]
-    assert "0.1" in sweep_section and "0.11" in sweep_section
+    sweep_section = text[text.index("## Alpha sweep") :].split("\n## ")[0]
+    rows = [line.split("|")[1].strip() for line in sweep_section.splitlines() if line.startswith("| 0.")]
+    assert rows == ["0.1", "0.11"]
     assert (root / "report" / "alpha_sweep.png").stat().st_size > 0

@@ -61,10 +61,13 @@ def test_the_installed_console_script_is_entropo():
 )
 def test_the_old_script_paths_still_work(script, expected):
     """`python eval/select.py` runs with eval/ first on the module path, where its name would shadow the standard
-    library's `select`: the script hands over to the package before anything imports it."""
+    library's `select`: the script hands over to the package before anything imports it, from the checkout's root
+    and from inside the script's own folder."""
     result = run(sys.executable, script, "--help")
     assert result.returncode == 0, result.stderr[-2000:]
     assert expected in result.stdout
+    inside = run(sys.executable, Path(script).name, "--help", cwd=ROOT / Path(script).parent)
+    assert inside.returncode == 0 and expected in inside.stdout, inside.stderr[-2000:]
 
 
 def test_scripts_are_thin_and_nothing_edits_sys_path():

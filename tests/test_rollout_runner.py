@@ -132,9 +132,9 @@ def test_prompt_size_comes_from_the_servers_count(toy_tasks, tmp_path, monkeypat
     hints = []
     complete = ChatClient.complete
 
-    async def spy(self, messages, sampling=None, *, prompt_tokens_hint=None, extra_body=None):
+    async def spy(self, messages, sampling=None, *, prompt_tokens_hint=None, **kwargs):
         hints.append(prompt_tokens_hint)
-        return await complete(self, messages, sampling, prompt_tokens_hint=prompt_tokens_hint, extra_body=extra_body)
+        return await complete(self, messages, sampling, prompt_tokens_hint=prompt_tokens_hint, **kwargs)
 
     monkeypatch.setattr(ChatClient, "complete", spy)
     _run(toy_tasks[:1], looper, tmp_path / "pool.jsonl", max_steps=3)

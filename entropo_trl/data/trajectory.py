@@ -3,7 +3,7 @@
 A pool is a JSONL file, one trajectory a line. [`write_trajectories`] appends records (tagged
 `"schema": "entropo-trajectory/1"`) so that concurrent writers do not interleave and a killed writer never leaves a
 half record that counts. Reading pools, in this layout and in R2E-Gym's and SWE-smith's, is `readers`'
-[`read_trajectories`]; pytest logs are parsed in `test_logs`. Their public names are importable from here too.
+[`read_trajectories`]; pytest logs are parsed in `test_logs`.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ def sample_index(trajectory: Trajectory, fallback: int) -> int:
 def by_sample(pool: Pool) -> Pool:
     """Each instance's rollouts in sample order."""
     return {
-        instance: [t for _, t in sorted((sample_index(t, k), t) for k, t in enumerate(group))]
+        instance: [group[k] for k in sorted(range(len(group)), key=lambda k: (sample_index(group[k], k), k))]
         for instance, group in pool.items()
     }
 
@@ -38,7 +38,8 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def resolve_rate_at_1(pool: Pool) -> tuple[float, float]:
-    """Mean ± std over sample indices of the resolve rate of that one rollout per instance."""
+    """Mean ± std over sample indices of the resolve rate of that one rollout per instance (every rollout of the pool
+    is a run of N = 1)."""
     pool = by_sample(pool)
     width = min(len(group) for group in pool.values())
     rates = [statistics.fmean(float(group[k].passed) for group in pool.values()) for k in range(width)]
@@ -69,12 +70,9 @@ def evaluate_pool(pool: Pool, selector: HybridSelector, n: int, runs: int = 1, d
         )
     at_1, at_1_std = resolve_rate_at_1(labelled)
     at_n, at_n_std = resolve_rate_at_n(labelled, selector, n, runs)
-    metrics = {
-        "eval/resolve_rate@1": at_1,
-        "eval/resolve_rate@1_std": at_1_std,
-        "eval/resolve_rate@N": at_n,
-        "eval/resolve_rate@N_std": at_n_std,
-    }
+    metrics = {"eval/resolve_rate@1": at_1, "eval/resolve_rate@1_std": at_1_std, "eval/resolve_rate@N": at_n}
+    if runs > 1:  # one run has no spread to report
+        metrics["eval/resolve_rate@N_std"] = at_n_std
     for k in range(1, n + 1):
         metrics[f"eval/pass@{k}"] = statistics.fmean(
             pass_at_k(len(group), sum(t.passed for t in group), k) for group in labelled.values()

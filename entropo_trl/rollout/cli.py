@@ -5,9 +5,11 @@
     entropo-rollout --tasks swebench_verified.jsonl --sandbox docker --serve_vllm Qwen/Qwen3-Coder-30B-A3B-Instruct \\
         --tensor_parallel_size 4 --pool pool.jsonl
     entropo-rollout --tasks toy_tasks/ --serve_transformers ./tiny-model --pool pool.jsonl --max_steps 10
+    entropo-rollout --ray auto --tasks swebench_verified.jsonl --sandbox docker --base_url URL1,URL2 --model M --n 16
 
 Rerunning the same command resumes: episodes already in the pool are skipped. Several commands may run on one pool
-at once (on one machine): they share the episodes, and each is recorded once.
+at once (on one machine): they share the episodes, and each is recorded once. `--ray auto|ADDRESS|local` runs each
+episode as a Ray task on a cluster (the `[ray]` extra; docs/cluster.md), this process alone writing the pool.
 
 Episodes that fail outside the model's answers (the endpoint unreachable, HTTP errors after retries, a response that
 is not a chat completion, a sandbox or oracle that will not run) are not recorded: each is one line in
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 from typing import TYPE_CHECKING, Any
@@ -53,7 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--tasks", required=True, help="a folder of local tasks or a SWE-bench-format JSON/JSONL file")
     parser.add_argument("--pool", required=True, help="the JSONL pool to append trajectories to")
-    parser.add_argument("--base_url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
+    parser.add_argument(
+        "--base_url",
+        help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1, or several comma-separated (a,b,c): each "
+        "episode stays on one (rendezvous hashing of its id, header X-Session-ID), moving only when it fails",
+    )
     parser.add_argument("--model", help="model name sent to the endpoint (and recorded as the source)")
     parser.add_argument("--api_key", default=None, help="the endpoint's key (default: $OPENAI_API_KEY)")
     parser.add_argument(
@@ -91,8 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--sandbox",
         choices=SANDBOX_BACKENDS,
         default="local",
-        help="local: an isolated bubblewrap sandbox (default); docker: a container per episode; host: commands run "
-        "on this machine without isolation (trusted models only)",
+        help="local: an isolated bubblewrap sandbox (default); docker: a container per episode; k8s: a Kubernetes pod "
+        "per episode; host: commands run on this machine without isolation (trusted models only)",
     )
     parser.add_argument(
         "--sandbox_root",
@@ -107,7 +114,30 @@ def build_parser() -> argparse.ArgumentParser:
         default=16,
         help="start no new episode after this many in a row could not reach the model (0: never stop)",
     )
+    _add_ray_flags(parser)
     return parser
+
+
+def _add_ray_flags(parser: argparse.ArgumentParser) -> None:
+    ray = parser.add_argument_group("Ray (episodes as tasks on a cluster; pip install entropo-trl[ray])")
+    ray.add_argument(
+        "--ray",
+        metavar="auto|ADDRESS|local",
+        help="run each episode as a Ray task: 'auto' joins the cluster of this node, 'local' starts Ray on this "
+        "machine, anything else is a cluster's address; the sandboxes are made on the nodes that run the episodes",
+    )
+    ray.add_argument(
+        "--cpus_per_episode", type=float, default=1.0, help="Ray CPUs each episode holds (a fraction is fine)"
+    )
+    ray.add_argument(
+        "--ray_max_retries",
+        type=int,
+        default=2,
+        help="reruns of an episode whose worker died or that met an infrastructure error (never of a finished one)",
+    )
+    ray.add_argument(
+        "--max_in_flight", type=int, help="episodes submitted at once (default: twice the cluster's CPUs' worth)"
+    )
 
 
 SAMPLING_FLAGS = ("temperature", "top_p", "top_k", "repetition_penalty", "max_tokens", "seed")
@@ -204,20 +234,73 @@ def _check_options(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
 
 
 def _check_sandbox(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Exit with status 2 when the local sandbox cannot run (before any server starts); warn about `--sandbox host`."""
-    if args.sandbox == "local":
-        from .sandbox import SandboxError, require_bwrap
+    """Exit with status 2 when the sandbox cannot run here (before any server starts); warn about `--sandbox host`.
+    With a Ray cluster, sandboxes are made on the worker nodes: the driver needs neither bubblewrap nor a cluster
+    configuration of its own."""
+    from .sandbox import SandboxError, require_bwrap, require_kubernetes
 
-        try:
-            require_bwrap()  # the isolated sandbox's one requirement
-        except SandboxError as error:
-            parser.error(str(error))
+    requirement = {"local": require_bwrap, "k8s": require_kubernetes}.get(args.sandbox)
+    if args.ray not in (None, "local"):
+        requirement = None
+    try:
+        if requirement is not None:
+            requirement()
+    except SandboxError as error:
+        parser.error(str(error))
     if args.sandbox == "host":
         print(
             "entropo-rollout: warning: --sandbox host is not isolated: the model's commands run on this machine with "
             "your rights, and see its files, network, processes and environment; use it for trusted models only",
             file=sys.stderr,
         )
+
+
+def _check_ray(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exit with status 2 when the Ray flags do not fit (before any server starts), or Ray is missing."""
+    if args.ray is None:
+        ray_flags = {"cpus_per_episode": 1.0, "ray_max_retries": 2, "max_in_flight": None}
+        given = [f"--{name}" for name, default in ray_flags.items() if getattr(args, name) != default]
+        if given:
+            parser.error(f"{', '.join(given)} apply to --ray only")
+        return
+    if not args.cpus_per_episode > 0 or args.ray_max_retries < 0:
+        parser.error("--cpus_per_episode must be > 0 and --ray_max_retries >= 0")
+    if args.max_in_flight is not None and args.max_in_flight < 1:
+        parser.error(f"--max_in_flight must be >= 1, got {args.max_in_flight}")
+    if args.ray != "local" and (args.serve_vllm or args.serve_transformers):
+        parser.error("--serve_vllm / --serve_transformers listen on this machine only: use them with --ray local")
+    from .ray_runner import import_ray
+
+    try:
+        import_ray()
+    except ImportError as error:
+        parser.error(str(error))
+
+
+def _run_ray(args: argparse.Namespace, config: RolloutConfig, base_url: str, model: str) -> RolloutSummary:
+    """The run as Ray tasks on the cluster `--ray` names; this process writes the pool."""
+    from .ray_runner import ClientSpec, run_rollouts_ray
+
+    spec = ClientSpec(
+        base_url,
+        model,
+        # the workers of other nodes do not have this machine's environment
+        api_key=args.api_key if args.api_key is not None else os.environ.get("OPENAI_API_KEY"),
+        timeout=args.request_timeout,
+        max_retries=args.max_retries,
+        backoff=args.retry_backoff,
+        max_context_tokens=args.max_context_tokens,
+    )
+    return run_rollouts_ray(
+        load_tasks(args.tasks)[: args.limit],
+        spec,
+        args.pool,
+        config,
+        address=args.ray,
+        cpus_per_episode=args.cpus_per_episode,
+        max_retries=args.ray_max_retries,
+        max_in_flight=args.max_in_flight,
+    )
 
 
 def _start_server(args: argparse.Namespace) -> tuple[ServerHandle | None, str, str]:
@@ -266,11 +349,15 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(parser, argv)
     config = _check_options(parser, args)
     _check_sandbox(parser, args)
+    _check_ray(parser, args)
     server = None
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         server, base_url, model = _start_server(args)
-        summary = asyncio.run(_run(args, config, base_url, model))
+        if args.ray:
+            summary = _run_ray(args, config, base_url, model)
+        else:
+            summary = asyncio.run(_run(args, config, base_url, model))
     except (Terminated, asyncio.CancelledError):
         print("entropo-rollout: terminated (SIGTERM); rerun the same command to resume", file=sys.stderr)
         return 128 + signal.SIGTERM

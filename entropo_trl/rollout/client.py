@@ -12,11 +12,18 @@ leaves no room for a single generated token, the request is not sent; otherwise 
 is left of `max_context_tokens`. A server that still rejects the request for its length (HTTP 400 saying so) also
 raises [`ContextLimitExceeded`].
 
+Several endpoints (replicas of one model, `base_url` a list or `"url1,url2"`): a request with a `session_id` carries
+it as the `X-Session-ID` header and goes to the endpoint that rendezvous hashing of the id picks; a failing endpoint
+is out of rotation for a while, and [`LLMError`] comes only when every endpoint failed (`rollout/endpoints.py`).
+
 Example::
 
     async with ChatClient("http://127.0.0.1:8000/v1", "Qwen/Qwen3-8B", max_concurrency=64) as client:
         completion = await client.complete([{"role": "user", "content": "hi"}], SamplingParams(max_tokens=64))
         print(completion.text, completion.finish_reason, client.usage)
+    # several replicas: every request of one session to one of them (`completion.endpoint` says which)
+    async with ChatClient("http://10.0.0.1:8000/v1,http://10.0.0.2:8000/v1", "Qwen/Qwen3-8B") as client:
+        completion = await client.complete(messages, session_id="astropy__astropy-12907/policy/3")
 """
 
 from __future__ import annotations
@@ -30,11 +37,14 @@ import ssl
 import time
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 import certifi
+
+from .endpoints import EndpointPool, parse_endpoints
 
 __all__ = [
     "ChatClient",
@@ -56,6 +66,12 @@ MAX_BACKOFF = 60.0
 
 MAX_HEADER_BYTES = 65_536
 """Longest response header line or field accepted."""
+
+CHAT_PATH = "/chat/completions"
+"""The chat-completions path under an endpoint's API root."""
+
+SESSION_HEADER = "X-Session-ID"
+"""The request header that carries a request's `session_id` (what session-aware routers hash or look up)."""
 
 # phrases in an HTTP 400 body that mean "the prompt plus max_tokens is longer than the model's context"
 _CONTEXT_ERROR_MARKERS = (
@@ -117,7 +133,7 @@ class Completion:
     """One chat completion: the assistant's text and what it cost.
 
     `finish_reason` is the server's (`"stop"`, `"length"`, ...). `latency` is the wall-clock seconds of the attempt
-    that succeeded (retries and backoff waits excluded).
+    that succeeded (retries and backoff waits excluded). `endpoint` is the API root that answered.
     """
 
     text: str
@@ -126,6 +142,7 @@ class Completion:
     completion_tokens: int
     latency: float
     logprobs: list[dict] | None = None  # `choices[0].logprobs.content` when the request asked for log-probs
+    endpoint: str | None = None
 
 
 class ContextLimitExceeded(RuntimeError):
@@ -172,7 +189,7 @@ class _LoopState:
     loop: asyncio.AbstractEventLoop
     session: aiohttp.ClientSession
     semaphore: asyncio.Semaphore | None
-    proxy: str | None
+    proxies: dict[str, str | None] = field(default_factory=dict)  # per URL, looked up on its first request
 
 
 def _env_proxy(url: str) -> str | None:
@@ -201,10 +218,11 @@ class _Response:
 
 
 class ChatClient:
-    """An async client for `POST {base_url}/chat/completions` on an OpenAI-compatible server.
+    """An async client for `POST {base_url}/chat/completions` on one or several OpenAI-compatible servers.
 
     Args:
-        base_url: the API root, e.g. `"http://127.0.0.1:8000/v1"`.
+        base_url: the API root, e.g. `"http://127.0.0.1:8000/v1"`; or several, as a list or one comma-separated
+            string, serving the same model (see `rollout/endpoints.py` for which one a request goes to).
         model: the model name sent in every request.
         api_key: sent as `Authorization: Bearer ...`; defaults to the `OPENAI_API_KEY` environment variable, and no
             header is sent when neither is set.
@@ -217,6 +235,9 @@ class ChatClient:
             and to cap `max_tokens`.
         max_concurrency: at most this many requests in flight at once (an `asyncio.Semaphore`; `None`: unlimited).
             Backoff waits do not hold a slot.
+        endpoint_backoff: seconds an endpoint that failed a request after the retries (no connection, timeouts,
+            HTTP 5xx) stays out of rotation; doubled for each outage in a row, up to `endpoint_max_backoff`.
+        endpoint_max_backoff: the longest time an endpoint stays out of rotation.
 
     The client is an async context manager; otherwise call [`aclose`] when done. `usage` holds running totals:
     `prompt_tokens`, `completion_tokens` (as reported by the server), `requests` (successful completions) and
@@ -225,7 +246,7 @@ class ChatClient:
 
     def __init__(
         self,
-        base_url: str,
+        base_url: str | Sequence[str],
         model: str,
         api_key: str | None = None,
         timeout: float = 600.0,
@@ -233,6 +254,8 @@ class ChatClient:
         backoff: float = 1.0,
         max_context_tokens: int = 65_536,
         max_concurrency: int | None = None,
+        endpoint_backoff: float = 30.0,
+        endpoint_max_backoff: float = 600.0,
     ):
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")
@@ -242,8 +265,7 @@ class ChatClient:
             raise ValueError(f"max_context_tokens must be >= 1, got {max_context_tokens}")
         if not timeout > 0:  # aiohttp reads 0 as "no time limit"
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
-        self.base_url = base_url.rstrip("/")
-        self.url = f"{self.base_url}/chat/completions"
+        self.endpoints = EndpointPool(parse_endpoints(base_url), endpoint_backoff, endpoint_max_backoff)
         self.model = model
         self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY") or None
         if self.api_key is not None and any(c in self.api_key for c in "\r\n"):
@@ -255,6 +277,26 @@ class ChatClient:
         self.max_concurrency = max_concurrency
         self.usage: dict[str, int] = {"prompt_tokens": 0, "completion_tokens": 0, "requests": 0, "retries": 0}
         self._state: _LoopState | None = None
+
+    @property
+    def base_url(self) -> str:
+        """The first endpoint's API root (the only one, for a client of one endpoint)."""
+        return self.endpoints.endpoints[0]
+
+    @base_url.setter
+    def base_url(self, value: str | Sequence[str]) -> None:
+        self.endpoints = EndpointPool(parse_endpoints(value), self.endpoints.backoff, self.endpoints.max_backoff)
+
+    @property
+    def url(self) -> str:
+        """The chat-completions URL of the first endpoint."""
+        return f"{self.base_url}{CHAT_PATH}"
+
+    @url.setter
+    def url(self, value: str) -> None:
+        if not value.endswith(CHAT_PATH):
+            raise ValueError(f"a chat-completions URL ends with {CHAT_PATH}; got {value!r}")
+        self.base_url = value.removesuffix(CHAT_PATH)
 
     # -- lifecycle -------------------------------------------------------------------------------------------------
 
@@ -271,7 +313,7 @@ class ChatClient:
                 )
             return state
         ssl_context: ssl.SSLContext | bool = True
-        if self.base_url.startswith("https:"):  # loading the CA bundle is slow: only for https
+        if any(url.startswith("https:") for url in self.endpoints.endpoints):  # loading the CA bundle is slow
             ssl_context = ssl.create_default_context(cafile=certifi.where())
         session = aiohttp.ClientSession(
             headers={"Authorization": f"Bearer {self.api_key}"} if self.api_key else None,
@@ -281,15 +323,17 @@ class ChatClient:
             max_field_size=MAX_HEADER_BYTES,
         )
         semaphore = asyncio.Semaphore(self.max_concurrency) if self.max_concurrency is not None else None
-        # the environment's proxy for this endpoint (http(s)_proxy, no_proxy), looked up once: aiohttp's `trust_env`
-        # would look it up again on every request, which more than doubles the client's CPU per request
-        self._state = _LoopState(loop, session, semaphore, _env_proxy(self.url))
+        self._state = _LoopState(loop, session, semaphore)
         return self._state
 
-    async def _post(self, state: _LoopState, payload: bytes, headers: dict[str, str]) -> _Response:
+    async def _post(self, state: _LoopState, url: str, payload: bytes, headers: dict[str, str]) -> _Response:
+        # the environment's proxy for this endpoint (http(s)_proxy, no_proxy), looked up once: aiohttp's `trust_env`
+        # would look it up again on every request, which more than doubles the client's CPU per request
+        if url not in state.proxies:
+            state.proxies[url] = _env_proxy(url)
         # no redirects: a redirected POST would come back as a GET without its body
         async with state.session.post(
-            self.url, data=payload, headers=headers, allow_redirects=False, proxy=state.proxy
+            url, data=payload, headers=headers, allow_redirects=False, proxy=state.proxies[url]
         ) as response:
             return _Response(response.status, response.headers, await response.read())
 
@@ -338,6 +382,7 @@ class ChatClient:
         *,
         prompt_tokens_hint: int | None = None,
         extra_body: dict[str, Any] | None = None,
+        session_id: str | None = None,
     ) -> Completion:
         """Send one chat request and return the first choice.
 
@@ -347,10 +392,12 @@ class ChatClient:
             prompt_tokens_hint: the prompt's token count if known (or a better estimate than characters / 3).
             extra_body: more request fields, e.g. `{"logprobs": True, "top_logprobs": 20}` (then
                 `Completion.logprobs` holds the per-token entries).
+            session_id: the conversation this request belongs to (e.g. the episode id): sent as the `X-Session-ID`
+                header, and every request of one session goes to the same endpoint while it is in rotation.
 
         Raises:
             ContextLimitExceeded: the prompt leaves no room to generate, or the server says it is too long.
-            LLMError: a non-retryable HTTP error, a malformed response, or retries exhausted.
+            LLMError: a non-retryable HTTP error, a malformed response, or retries exhausted on every endpoint.
         """
         sampling = sampling if sampling is not None else SamplingParams()
         body = self._request_body(messages, sampling, prompt_tokens_hint)
@@ -358,6 +405,35 @@ class ChatClient:
             body.update(extra_body)
         payload = json.dumps(body).encode()
         headers = {"Content-Type": "application/json"}
+        if session_id is not None:
+            if any(c in session_id for c in "\r\n\0"):
+                raise ValueError(
+                    f"a session id cannot hold a line break or NUL (it is an HTTP header): {session_id!r}"
+                )
+            headers[SESSION_HEADER] = session_id
+        failures: list[LLMError] = []
+        for endpoint in self.endpoints.order(session_id):
+            try:
+                completion = await self._complete_at(endpoint, payload, headers)
+            except LLMError as error:
+                if error.status is not None and error.status < 500:  # the endpoint answered: no reason to move
+                    raise
+                self.endpoints.failed(endpoint)  # no answer, or 5xx, after the retries
+                failures.append(error)
+                continue
+            self.endpoints.succeeded(endpoint)
+            return completion
+        if len(failures) == 1:
+            raise failures[0]
+        raise LLMError(
+            f"all {len(failures)} endpoints failed the request: " + "; ".join(str(error) for error in failures),
+            status=failures[-1].status,
+            body=failures[-1].body,
+        )
+
+    async def _complete_at(self, endpoint: str, payload: bytes, headers: dict[str, str]) -> Completion:
+        """The request sent to one endpoint, retried on connection errors, timeouts, HTTP 429 and 5xx."""
+        url = f"{endpoint}{CHAT_PATH}"
         attempt = 0
         while True:
             response: _Response | None = None
@@ -368,29 +444,27 @@ class ChatClient:
                 if state.semaphore is not None:
                     async with state.semaphore:
                         start = time.perf_counter()
-                        response = await self._post(state, payload, headers)
+                        response = await self._post(state, url, payload, headers)
                 else:
-                    response = await self._post(state, payload, headers)
+                    response = await self._post(state, url, payload, headers)
             except (aiohttp.ClientError, asyncio.TimeoutError) as error:  # refused/reset, timeouts, protocol errors
                 failure = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
             else:
                 latency = time.perf_counter() - start
                 if response.status_code == 200:
-                    return self._parse(response, latency)
+                    return self._parse(response, latency, endpoint)
                 failure = f"HTTP {response.status_code}: {_snippet(response.text)}"
                 if response.status_code != 429 and response.status_code < 500:
                     text = response.text
                     if response.status_code == 400 and any(m in text.lower() for m in _CONTEXT_ERROR_MARKERS):
                         raise ContextLimitExceeded(f"the server rejected the prompt as too long: {_snippet(text)}")
                     raise LLMError(
-                        f"request to {self.url} failed with {failure}",
-                        status=response.status_code,
-                        body=_snippet(text),
+                        f"request to {url} failed with {failure}", status=response.status_code, body=_snippet(text)
                     )
             if attempt >= self.max_retries:
                 status = response.status_code if response is not None else None
                 raise LLMError(
-                    f"request to {self.url} failed after {attempt + 1} attempts; last error: {failure}",
+                    f"request to {url} failed after {attempt + 1} attempts; last error: {failure}",
                     status=status,
                     body=_snippet(response.text) if response is not None else "",
                 )
@@ -398,7 +472,7 @@ class ChatClient:
             attempt += 1
             self.usage["retries"] += 1
 
-    def _parse(self, response: _Response, latency: float) -> Completion:
+    def _parse(self, response: _Response, latency: float, endpoint: str) -> Completion:
         try:
             data = response.json()
             choice = data["choices"][0]
@@ -410,7 +484,7 @@ class ChatClient:
             logprobs = (choice.get("logprobs") or {}).get("content")
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as error:
             raise LLMError(
-                f"malformed chat-completion response from {self.url} ({type(error).__name__}: {error}): "
+                f"malformed chat-completion response from {endpoint}{CHAT_PATH} ({type(error).__name__}: {error}): "
                 f"{_snippet(response.text)}",
                 status=response.status_code,
                 body=_snippet(response.text),
@@ -418,4 +492,4 @@ class ChatClient:
         self.usage["prompt_tokens"] += prompt_tokens
         self.usage["completion_tokens"] += completion_tokens
         self.usage["requests"] += 1
-        return Completion(text, finish_reason, prompt_tokens, completion_tokens, latency, logprobs)
+        return Completion(text, finish_reason, prompt_tokens, completion_tokens, latency, logprobs, endpoint)

@@ -33,7 +33,7 @@ from .client import ChatClient, Completion, ContextLimitExceeded, LLMError, Samp
 from .oracle import evaluate_patch
 from .pool import EpisodeClaims, PoolIndex, claims_path, done_episodes, episode_id, errors_path, record_error
 from .redaction import known_secrets, redact
-from .sandbox import SANDBOX_BACKENDS, Sandbox, make_sandbox, sweep_stale_sandboxes
+from .sandbox import SANDBOX_BACKENDS, Sandbox, make_sandbox, sweep_stale_pods, sweep_stale_sandboxes
 from .scaffold import SYSTEM_PROMPT, instance_prompt, parse_action, with_steps_remaining
 from .tasks import Task
 from .tools import ToolState, execute
@@ -78,8 +78,10 @@ class RolloutConfig:
                 raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
         if self.sandbox not in SANDBOX_BACKENDS:
             raise ValueError(f"sandbox must be one of {', '.join(SANDBOX_BACKENDS)}; got {self.sandbox!r}")
-        if self.sandbox_root is not None and self.sandbox == "docker":
-            raise ValueError("sandbox_root applies to local sandboxes only (docker containers have their own disk)")
+        if self.sandbox_root is not None and self.sandbox in ("docker", "k8s"):
+            raise ValueError(
+                f"sandbox_root applies to local sandboxes only ({self.sandbox} sandboxes have their own disk)"
+            )
         if self.stop_after_llm_errors is not None and self.stop_after_llm_errors < 1:
             raise ValueError(f"stop_after_llm_errors must be >= 1 or None, got {self.stop_after_llm_errors}")
 
@@ -121,7 +123,8 @@ def _refuses_the_conversation(error: LLMError) -> bool:
 
 class _Episode:
     """One episode's agent loop, `run` → `step` → `query`: the conversation with the model about `task` in `sandbox`,
-    the tools' state, the tokens used, and how the episode ended (`exit_reason`, `finished`)."""
+    the tools' state, the tokens used, the endpoints that answered (`endpoints`, in the order they served it), and how
+    the episode ended (`exit_reason`, `finished`)."""
 
     def __init__(
         self,
@@ -136,6 +139,9 @@ class _Episode:
     ):
         self.client, self.config, self.sandbox, self.executor = client, config, sandbox, executor
         self.secrets, self.start = secrets, start
+        # the session id of every request: its endpoint is picked by it, and session-aware routers keep it together
+        self.episode_id = episode_id(task, config.source or client.model, sample)
+        self.endpoints: list[str] = []
         self.messages: list[dict[str, Any]] = [
             {"role": "system", "content": SYSTEM_PROMPT},
             {"role": "user", "content": instance_prompt(task.problem_statement, sandbox.workdir, config.max_steps)},
@@ -190,7 +196,9 @@ class _Episode:
         """The model's answer to the conversation so far; None when the conversation cannot go on (it outgrew the
         context, or the server refuses it once it has grown), with `exit_reason` set."""
         try:
-            return await self.client.complete(self.messages, self.sampling, prompt_tokens_hint=self.hint)
+            completion = await self.client.complete(
+                self.messages, self.sampling, prompt_tokens_hint=self.hint, session_id=self.episode_id
+            )
         except ContextLimitExceeded:
             self.exit_reason = "token_limit"
             return None
@@ -201,11 +209,16 @@ class _Episode:
             # request would be refused on every rerun, so the episode ends here, recorded
             self.exit_reason = "llm_request_refused"
             return None
+        if not self.endpoints or self.endpoints[-1] != completion.endpoint:  # its endpoint failed: it moved
+            self.endpoints.append(completion.endpoint)
+        return completion
 
 
 def _record(task: Task, config: RolloutConfig, source: str, sample: int, episode: _Episode, patch: str) -> Trajectory:
-    """The finished episode as an unlabelled trajectory (reward 0), its messages under `config.record_workdir`."""
-    messages, workdir = episode.messages, episode.sandbox.workdir
+    """The finished episode as an unlabelled trajectory (reward 0), its messages under `config.record_workdir`; its
+    metadata names the endpoint that served it (`endpoint`, the last one) and, when it moved because an endpoint
+    failed, every endpoint in the order they served it (`moved_endpoints`)."""
+    messages, workdir, endpoints = episode.messages, episode.sandbox.workdir, episode.endpoints
     if config.record_workdir and workdir != config.record_workdir:
         # A local sandbox lives in a fresh temporary folder per episode; recorded under one stable name (as the Docker
         # images' /testbed), episodes of the same task share their prompt exactly, which preference pairs need.
@@ -225,6 +238,8 @@ def _record(task: Task, config: RolloutConfig, source: str, sample: int, episode
             "seconds": round(time.monotonic() - episode.start, 3),
             "workdir": workdir,
             **episode.usage,
+            **({"endpoint": endpoints[-1]} if endpoints else {}),
+            **({"moved_endpoints": list(endpoints)} if len(endpoints) > 1 else {}),
         },
     )
 
@@ -316,8 +331,18 @@ class RolloutSummary:
             text += f"; {self.not_started} not started, as the model could not be reached (a rerun runs them)"
         return text
 
+    def add(self, trajectory: Trajectory, bar=None) -> None:
+        """Count a recorded episode, and move the progress bar (if any) with the running success rate."""
+        self.ran += 1
+        self.passed += trajectory.passed
+        self.exit_reasons[trajectory.exit_reason] = self.exit_reasons.get(trajectory.exit_reason, 0) + 1
+        self.dropped_test_edits += len(trajectory.metadata.get("dropped_test_edits") or ())
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(success=f"{self.passed / self.ran:.0%}", refresh=False)
 
-def _episodes_left(
+
+def episodes_left(
     tasks: Sequence[Task], config: RolloutConfig, source: str, index: PoolIndex
 ) -> deque[tuple[Task, int]]:
     """The (task, sample) pairs of the run that are not in the pool yet (a resumed run skips what is done)."""
@@ -325,7 +350,7 @@ def _episodes_left(
     return deque((task, k) for task in tasks for k in range(config.n) if episode_id(task, source, k) not in done)
 
 
-def _progress_bar(total: int, initial: int):
+def progress_bar(total: int, initial: int):
     """A tqdm bar over the run's episodes, starting at those already in the pool."""
     from tqdm.auto import tqdm
 
@@ -349,12 +374,12 @@ class _Run:
         self.source = config.source or client.model
         self.secrets = known_secrets(client.api_key)
         self.index = PoolIndex(pool)
-        self.todo = _episodes_left(tasks, config, self.source, self.index)
+        self.todo = episodes_left(tasks, config, self.source, self.index)
         total = len(tasks) * config.n
         self.summary = RolloutSummary(
             str(pool), total, total - len(self.todo), 0, 0, errors_file=str(errors_path(pool))
         )
-        self.bar = _progress_bar(total, total - len(self.todo)) if progress else None
+        self.bar = progress_bar(total, total - len(self.todo)) if progress else None
         self.claims = EpisodeClaims(claims_path(pool))
         self.executor = ThreadPoolExecutor(max_workers=config.concurrency + 4, thread_name_prefix="entropo-rollout")
         self.write_lock = asyncio.Lock()
@@ -430,14 +455,7 @@ class _Run:
 
     def count(self, trajectory: Trajectory) -> None:
         """Add a recorded episode to the summary and the progress bar."""
-        summary = self.summary
-        summary.ran += 1
-        summary.passed += trajectory.passed
-        summary.exit_reasons[trajectory.exit_reason] = summary.exit_reasons.get(trajectory.exit_reason, 0) + 1
-        summary.dropped_test_edits += len(trajectory.metadata.get("dropped_test_edits") or ())
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(success=f"{summary.passed / summary.ran:.0%}", refresh=False)
+        self.summary.add(trajectory, self.bar)
 
     def close(self) -> None:
         """Count what was not started, give back the claims still held, stop the threads and close the bar."""
@@ -466,7 +484,10 @@ async def run_rollouts(
     factory = sandbox_factory or default_sandbox_factory(config.sandbox, config.sandbox_root)
     run = _Run(tasks, client, pool, config, factory, progress)
     try:
-        if config.sandbox != "docker":  # what killed runs left behind (their processes are gone) goes first
+        # what killed runs left behind goes first: copies whose processes are gone, pods past their time
+        if config.sandbox == "k8s":
+            await _blocking(run.executor, sweep_stale_pods)
+        elif config.sandbox != "docker":
             await _blocking(run.executor, sweep_stale_sandboxes, config.sandbox_root)
         await asyncio.gather(*(run.worker() for _ in range(config.concurrency)))
     finally:

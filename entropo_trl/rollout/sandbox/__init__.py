@@ -1,6 +1,6 @@
 """Sandboxes: where an agent's commands run and its files live, one per episode.
 
-Three implementations share one interface, [`Sandbox`] (`base.py`); [`make_sandbox`] picks one by backend name:
+Four implementations share one interface, [`Sandbox`] (`base.py`); [`make_sandbox`] picks one by backend name:
 
 - "local" (`local.py`): [`BwrapSandbox`] copies a folder into a private temporary directory and mounts it at
   `/testbed` inside a bubblewrap (`bwrap`) namespace for every command and file operation: no network, a cleared
@@ -12,6 +12,9 @@ Three implementations share one interface, [`Sandbox`] (`base.py`); [`make_sandb
 - "docker" (`docker.py`): [`DockerSandbox`] runs one container per episode (e.g. an R2E-Gym / SWE-bench image with the
   repository at `/testbed`, no network by default) and talks to it through the `docker` CLI. Every command line is
   built by a small pure method, so it can be checked without a daemon.
+- "k8s" (`k8s.py`): [`KubernetesSandbox`] runs one pod per episode from the task's image and talks to it through the
+  Kubernetes API (the `[k8s]` extra, imported only when used), one API client per sandbox; [`sweep_stale_pods`]
+  deletes the pods that runs which are gone left behind (by label).
 
 All record a base commit when they start; [`Sandbox.diff`] is the agent's patch against it (new files included), and
 [`Sandbox.apply_patch`] replays such a patch in another sandbox. Host commands run through [`run_process`]
@@ -41,19 +44,26 @@ from .base import (
 from .checkout import MAX_TEMPLATES, SANDBOX_PREFIX, sweep_stale_sandboxes
 from .docker import SWEBENCH_SETUP, DockerSandbox, default_docker_setup
 from .host import LocalSandbox, _warn_unisolated
+from .k8s import KUBERNETES_MISSING, KubernetesSandbox, require_kubernetes, sweep_stale_pods
 from .local import BWRAP_MISSING, SANDBOX_WORKDIR, SYSTEM_PATH, BwrapSandbox, SandboxLimits, require_bwrap
 from .process import run_process
 
 if TYPE_CHECKING:
     from ..tasks import Task
 
-SANDBOX_BACKENDS = ("local", "host", "docker")
+SANDBOX_BACKENDS = ("local", "host", "docker", "k8s")
 
 
 def make_sandbox(backend: str, task: Task, root: str | None = None) -> Sandbox:
     """A fresh sandbox for one episode of `task`: "local" an isolated [`BwrapSandbox`] of `task.repo_path` under
     `root`, "host" an unisolated [`LocalSandbox`] (with a warning), "docker" a started [`DockerSandbox`] of
-    `task.image` (no network). The task's own environment variables are `task.metadata["env"]` (local only)."""
+    `task.image` (no network), "k8s" a running [`KubernetesSandbox`] pod of `task.image` (namespace
+    `$ENTROPO_K8S_NAMESPACE`). The task's own environment variables are `task.metadata["env"]` (local only)."""
+    if backend == "k8s":
+        if not task.image:
+            raise ValueError(f"task {task.instance_id} has no container image")
+        setup = task.metadata.get("docker_setup") or default_docker_setup(task.image)
+        return KubernetesSandbox(task.image, setup=setup, instance_id=task.instance_id).start()
     if backend == "docker":
         if not task.image:
             raise ValueError(f"task {task.instance_id} has no Docker image")
@@ -91,6 +101,8 @@ __all__ = [
     "BwrapSandbox",
     "CommandResult",
     "DockerSandbox",
+    "KUBERNETES_MISSING",
+    "KubernetesSandbox",
     "LocalSandbox",
     "Sandbox",
     "SandboxError",
@@ -99,8 +111,10 @@ __all__ = [
     "default_docker_setup",
     "make_sandbox",
     "require_bwrap",
+    "require_kubernetes",
     "run_process",
     "special_file_error",
+    "sweep_stale_pods",
     "sweep_stale_sandboxes",
     "too_large_error",
 ]

@@ -77,6 +77,7 @@ class DockerSandbox(ShellSandbox):
             "--label",
             "entropo.sandbox=1",
             *self.run_args,
+            *("--label", f"entropo.owner={os.uname().nodename}:{self._owner_pid}"),  # for sweeps of dead runs
             "-w",
             self.workdir,
             self.image,

@@ -82,14 +82,22 @@ def run_process(
 
 
 def _stdin(input: bytes | None) -> contextlib.AbstractContextManager:
-    """What the process reads: nothing, or `input` from an unnamed temporary file, which it reads at its own pace (the
-    runner never blocks writing to a pipe that the process does not read)."""
+    """What the process reads: nothing, or `input` from a temporary file, which it reads at its own pace (the runner
+    never blocks writing to a pipe that the process does not read). The file is open read-only (the process cannot
+    write into the runner's temporary folder through it) and already unlinked (gone once closed)."""
     if input is None:
         return contextlib.nullcontext(subprocess.DEVNULL)
-    file = tempfile.TemporaryFile()
-    file.write(input)
-    file.seek(0)
-    return file
+    with tempfile.NamedTemporaryFile(delete=False) as writer:
+        path = writer.name
+        try:
+            writer.write(input)
+        except BaseException:
+            os.unlink(path)
+            raise
+    try:
+        return open(path, "rb")
+    finally:
+        os.unlink(path)
 
 
 def _read_pipes(proc: subprocess.Popen, captures: dict, deadline: float, exit_grace: float) -> bool:
