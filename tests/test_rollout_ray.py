@@ -269,3 +269,40 @@ def test_cli_ray_flags(tmp_path, capsys, monkeypatch):
         check=True,
     )
     assert loaded.stdout.strip() == "False"  # Ray is imported when a run starts, not before
+
+
+def test_two_endpoints_keep_each_episode_on_one_and_a_stopped_one_moves_its_episodes(cluster, toy_tasks, tmp_path):
+    """Ray workers and two endpoints that log the `X-Session-ID` of every request they answer: each episode's requests
+    all reach one endpoint, both get work; an endpoint stopped mid-run moves its episodes to the other, and every
+    episode is recorded once."""
+    from test_rollout_endpoints import Endpoint
+
+    config = RolloutConfig(n=4, max_steps=3, oracle=False, sampling=SamplingParams(seed=0))
+    made = [Endpoint(), Endpoint(), Endpoint(answers=4), Endpoint()]
+    first, second, going, staying = made
+    try:
+        spec = ClientSpec([first.url, second.url], "scripted", max_retries=1, backoff=0.01)
+        summary = run_rollouts_ray(toy_tasks, spec, tmp_path / "pool.jsonl", config, progress=False)
+        ids = pool_ids(tmp_path / "pool.jsonl")
+        assert summary.ran == 12 and summary.errors == 0 and len(ids) == len(set(ids)) == 12
+        assert set(first.served) | set(second.served) == set(ids)
+        assert not set(first.served) & set(second.served)  # no episode on both
+        assert first.served and second.served  # both got work
+        assert all((first.served + second.served).count(episode) == 3 for episode in ids)  # every request, one place
+
+        spec = ClientSpec([going.url, staying.url], "scripted", max_retries=1, backoff=0.01)
+        summary = run_rollouts_ray(toy_tasks, spec, tmp_path / "moved.jsonl", config, progress=False)
+        ids = pool_ids(tmp_path / "moved.jsonl")
+        assert summary.ran == 12 and summary.errors == 0 and len(ids) == len(set(ids)) == 12
+        trajectories = list(read_trajectories(tmp_path / "moved.jsonl"))
+        moved = [t for t in trajectories if "moved_endpoints" in t.metadata]
+        assert moved and all(t.metadata["moved_endpoints"] == [going.url, staying.url] for t in moved)
+        # the episodes the stopped endpoint had started and not finished moved, and only those
+        unfinished = {episode for episode in going.served if going.served.count(episode) < 3}
+        assert {t.episode_id for t in moved} == unfinished
+        for t in trajectories:  # every episode finished, on the endpoint that answered its last request
+            last = going.url if going.served.count(t.episode_id) == 3 else staying.url
+            assert t.num_steps == 3 and t.metadata["endpoint"] == last
+    finally:
+        for endpoint in made:
+            endpoint.stop()
