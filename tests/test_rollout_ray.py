@@ -172,6 +172,23 @@ def test_infrastructure_errors_are_retried_then_recorded_and_finished_episodes_n
     assert starts == {(t.instance_id, 0): 2 if t is broken else 1 for t in toy_tasks}
 
 
+def test_a_refused_request_is_recorded_without_a_retry(cluster, toy_tasks, tmp_path):
+    """A 4xx answer (here an unknown model's 404) would be refused again: no retry, one errors line per episode."""
+
+    def unknown_model(messages):
+        raise StubHTTPError(404, "The model `scripted` does not exist.")
+
+    config = RolloutConfig(oracle=False, sampling=SamplingParams(seed=0))
+    with serve_scripted(unknown_model) as server:
+        spec = ClientSpec(server.base_url, "scripted", max_retries=0)
+        summary = run_rollouts_ray(toy_tasks, spec, tmp_path / "pool.jsonl", config, max_retries=2, progress=False)
+        starts = episode_starts(server, toy_tasks)
+    assert (summary.ran, summary.errors) == (0, 3)
+    errors = [json.loads(line) for line in errors_path(tmp_path / "pool.jsonl").read_text().splitlines()]
+    assert [e["error"].split(":")[0] for e in errors] == ["EpisodeRefused"] * 3 and "404" in errors[0]["error"]
+    assert starts == {(t.instance_id, 0): 1 for t in toy_tasks}  # each tried once, not 1 + max_retries times
+
+
 def test_killing_the_driver_and_rerunning_resumes(cluster, toy_tasks, tmp_path):
     pool = tmp_path / "pool.jsonl"
     with serve_scripted(looper, delay=0.15) as server:
@@ -306,3 +323,14 @@ def test_two_endpoints_keep_each_episode_on_one_and_a_stopped_one_moves_its_epis
     finally:
         for endpoint in made:
             endpoint.stop()
+
+
+def test_the_episodes_of_a_run_share_the_endpoints_health_in_a_worker():
+    """An endpoint found down by one episode stays out of rotation for the run's next episodes in the same worker (a
+    fresh client per episode would forget it and pay the retries again); another run starts with fresh health."""
+    spec = ClientSpec("http://127.0.0.1:9/v1,http://127.0.0.1:10/v1", "scripted")
+    first, second, other = spec.client("run-a"), spec.client("run-a"), spec.client("run-b")
+    first.endpoints.failed("http://127.0.0.1:9/v1")
+    assert second.endpoints is first.endpoints and not second.endpoints.in_rotation("http://127.0.0.1:9/v1")
+    assert other.endpoints is not first.endpoints and other.endpoints.in_rotation("http://127.0.0.1:9/v1")
+    assert spec.client().endpoints is not first.endpoints  # no run: a client of its own

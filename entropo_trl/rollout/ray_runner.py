@@ -28,6 +28,7 @@ import logging
 import os
 import subprocess
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -58,6 +59,9 @@ RAY_MISSING = "Ray is not installed: `pip install entropo-trl[ray]` (or `pip ins
 INFRASTRUCTURE_ERRORS: tuple[type[Exception], ...] = (LLMError, SandboxError, OracleError)
 """The errors of an episode that Ray retries: they say nothing about the model's answers."""
 
+CANCEL_GRACE_SECONDS = 30.0
+"""How long a stopped run waits for its cancelled episodes to close their sandboxes."""
+
 WAIT_SECONDS = 1.0
 """How long the driver waits for an episode at a time (signals such as Ctrl-C are handled in between)."""
 
@@ -83,14 +87,30 @@ class ClientSpec:
     max_retries: int = 5
     backoff: float = 1.0
     max_context_tokens: int = 65_536
+    endpoint_backoff: float = 30.0
+    endpoint_max_backoff: float = 600.0
 
     def __post_init__(self):
         object.__setattr__(self, "base_urls", tuple(parse_endpoints(self.base_urls)))
 
-    def client(self) -> ChatClient:
-        """A client of these endpoints (one request at a time: a worker runs one episode)."""
+    def client(self, run: str | None = None) -> ChatClient:
+        """A client of these endpoints (one request at a time: a worker runs one episode). Clients of one `run` in one
+        worker process share the endpoints' health (Ray reuses workers): an endpoint found down stays out of rotation
+        for the run's next episodes too, instead of costing each of them its retries."""
         options = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("base_urls", "model")}
-        return ChatClient(list(self.base_urls), self.model, **options)
+        client = ChatClient(list(self.base_urls), self.model, **options)
+        if run is not None:
+            client.endpoints = _ENDPOINT_HEALTH.setdefault((run, self), client.endpoints)
+        return client
+
+
+_ENDPOINT_HEALTH: dict[tuple[str, ClientSpec], Any] = {}
+"""Per worker process: the [`EndpointPool`] of each run's spec, shared by the episodes of the run it runs."""
+
+
+class EpisodeRefused(Exception):
+    """The endpoint refused an episode's request for good (a 4xx other than 429, e.g. an unknown model or a bad key):
+    recorded as an error without a retry, which would only be refused again."""
 
 
 def episode_task(
@@ -99,16 +119,23 @@ def episode_task(
     spec: ClientSpec,
     config: RolloutConfig,
     sandbox_factory: Callable[[Task], Sandbox] | None,
+    run: str | None = None,
 ) -> dict[str, Any]:
-    """One episode, in a Ray worker: its client, its sandbox on this node, [`run_episode`]; the trajectory as a
-    dict. Raises what `run_episode` raises (the driver records it)."""
-    factory = sandbox_factory or default_sandbox_factory(config.sandbox, config.sandbox_root)
+    """One episode, in a Ray worker: its client (sharing the endpoints' health with the `run`'s other episodes in
+    this worker), its sandbox on this node, [`run_episode`]; the trajectory as a dict. Raises what `run_episode`
+    raises (the driver records it), a refused request as [`EpisodeRefused`] (not retried)."""
+    factory = sandbox_factory or default_sandbox_factory(config.sandbox, config.sandbox_root, config.sandbox_lifetime)
 
     async def episode():
-        async with spec.client() as client:
+        async with spec.client(run) as client:
             return await run_episode(task, client, config, sample, factory)
 
-    return asyncio.run(episode()).to_dict()
+    try:
+        return asyncio.run(episode()).to_dict()
+    except LLMError as error:
+        if error.status is not None and 400 <= error.status < 500 and error.status != 429:
+            raise EpisodeRefused(str(error)) from error
+        raise
 
 
 # -------------------------------------------------------------------------------------------- sweeping the nodes
@@ -165,7 +192,11 @@ def sweep_nodes(ray, config: RolloutConfig) -> int:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     if config.sandbox == "k8s":
-        return len(sweep_stale_pods())
+        try:
+            return len(sweep_stale_pods())
+        except SandboxError as error:  # the driver may have no cluster configuration of its own: the workers do
+            logger.warning(f"stale pods not swept from the driver: {error}")
+            return 0
     sweep = ray.remote(num_cpus=0)(sweep_node)
     refs = [
         sweep.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote(
@@ -206,6 +237,7 @@ class _RayRun:
         self.in_flight: dict[Any, str] = {}  # object ref -> episode id
         self.held_elsewhere: list[tuple[Task, int]] = []  # claimed by another runner when tried: tried again later
         self.llm_errors_in_a_row = 0
+        self.run_token = uuid.uuid4().hex  # the episodes of this run share the endpoints' health in each worker
 
     def stopped(self) -> bool:
         """Whether `stop_after_llm_errors` episodes in a row could not reach the model: submit no more."""
@@ -237,7 +269,9 @@ class _RayRun:
             if self.bar is not None:
                 self.bar.update(1)
             return
-        ref = self.remote.options(name=episode).remote(task, sample, self.spec, self.config, sandbox_factory)
+        ref = self.remote.options(name=episode).remote(
+            task, sample, self.spec, self.config, sandbox_factory, self.run_token
+        )
         self.in_flight[ref] = episode
 
     def collect(self) -> None:
@@ -260,15 +294,18 @@ class _RayRun:
     def record_failure(self, episode: str, error: BaseException) -> None:
         """Log an episode that could not be recorded (after Ray's retries), count it, write it to the errors file."""
         logger.error(f"episode {episode} errored, not recorded: {redact(str(error), self.secrets)}")
-        self.llm_errors_in_a_row = self.llm_errors_in_a_row + 1 if isinstance(error, LLMError) else 0
+        reached_no_model = isinstance(error, (LLMError, EpisodeRefused))
+        self.llm_errors_in_a_row = self.llm_errors_in_a_row + 1 if reached_no_model else 0
         self.summary.errors += 1
         record_error(errors_path(self.pool), episode, error, self.secrets)
 
     def close(self) -> None:
-        """Cancel the episodes still in flight (their sandboxes are closed), count what was not started, give the
-        claims back and close the bar."""
+        """Cancel the episodes still in flight and give them time to close their sandboxes (the workers go when the
+        driver disconnects), count what was not started, give the claims back and close the bar."""
         for ref in self.in_flight:
             self.ray.cancel(ref)
+        if self.in_flight:
+            self.ray.wait(list(self.in_flight), num_returns=len(self.in_flight), timeout=CANCEL_GRACE_SECONDS)
         self.summary.not_started = len(self.todo) + len(self.held_elsewhere)
         self.claims.close()
         if self.bar is not None:

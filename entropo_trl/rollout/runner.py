@@ -33,7 +33,13 @@ from .client import ChatClient, Completion, ContextLimitExceeded, LLMError, Samp
 from .oracle import evaluate_patch
 from .pool import EpisodeClaims, PoolIndex, claims_path, done_episodes, episode_id, errors_path, record_error
 from .redaction import known_secrets, redact
-from .sandbox import SANDBOX_BACKENDS, Sandbox, make_sandbox, sweep_stale_pods, sweep_stale_sandboxes
+from .sandbox import (
+    SANDBOX_BACKENDS,
+    Sandbox,
+    default_sandbox_factory,
+    sweep_stale_pods,
+    sweep_stale_sandboxes,
+)
 from .scaffold import SYSTEM_PROMPT, instance_prompt, parse_action, with_steps_remaining
 from .tasks import Task
 from .tools import ToolState, execute
@@ -70,6 +76,11 @@ class RolloutConfig:
     # refuses every request); None: never stop early
     stop_after_llm_errors: int | None = 16
 
+    @property
+    def sandbox_lifetime(self) -> float:
+        """The longest a container or pod may live: an episode's or an oracle check's time limit, plus 10 minutes."""
+        return max(self.max_episode_seconds, self.oracle_timeout) + 600
+
     def __post_init__(self):
         if self.n < 1 or self.concurrency < 1 or self.max_steps < 1 or self.max_tokens_per_call < 1:
             raise ValueError("n, concurrency, max_steps and max_tokens_per_call must be >= 1")
@@ -84,14 +95,6 @@ class RolloutConfig:
             )
         if self.stop_after_llm_errors is not None and self.stop_after_llm_errors < 1:
             raise ValueError(f"stop_after_llm_errors must be >= 1 or None, got {self.stop_after_llm_errors}")
-
-
-def default_sandbox_factory(backend: str = "local", root: str | None = None) -> Callable[[Task], Sandbox]:
-    """A fresh sandbox per episode ([`make_sandbox`]): an isolated private checkout of `task.repo_path` under `root`
-    ("local"), the same unisolated ("host"), or a container of `task.image` ("docker")."""
-    if backend not in SANDBOX_BACKENDS:
-        raise ValueError(f"sandbox must be one of {', '.join(SANDBOX_BACKENDS)}; got {backend!r}")
-    return functools.partial(make_sandbox, backend, root=root)
 
 
 # ------------------------------------------------------------------------------------------------------ episodes
@@ -481,7 +484,7 @@ async def run_rollouts(
     an episode another runner holds is waited for (it is taken over if that runner dies or fails it). Episodes that
     fail outside the model's answers are logged to `errors_path(pool)` and counted in `summary.errors`."""
     config = config or RolloutConfig()
-    factory = sandbox_factory or default_sandbox_factory(config.sandbox, config.sandbox_root)
+    factory = sandbox_factory or default_sandbox_factory(config.sandbox, config.sandbox_root, config.sandbox_lifetime)
     run = _Run(tasks, client, pool, config, factory, progress)
     try:
         # what killed runs left behind goes first: copies whose processes are gone, pods past their time

@@ -25,6 +25,8 @@ cleaning up left behind.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .base import (
@@ -54,22 +56,23 @@ if TYPE_CHECKING:
 SANDBOX_BACKENDS = ("local", "host", "docker", "k8s")
 
 
-def make_sandbox(backend: str, task: Task, root: str | None = None) -> Sandbox:
+def make_sandbox(backend: str, task: Task, root: str | None = None, lifetime: float | None = None) -> Sandbox:
     """A fresh sandbox for one episode of `task`: "local" an isolated [`BwrapSandbox`] of `task.repo_path` under
     `root`, "host" an unisolated [`LocalSandbox`] (with a warning), "docker" a started [`DockerSandbox`] of
     `task.image` (no network), "k8s" a running [`KubernetesSandbox`] pod of `task.image` (namespace
-    `$ENTROPO_K8S_NAMESPACE`). The task's own environment variables are `task.metadata["env"]` (local only)."""
+    `$ENTROPO_K8S_NAMESPACE`). The task's own environment variables are `task.metadata["env"]` (local only).
+    `lifetime` (seconds, default a day) bounds a container's or a pod's life, should its run die without removing it."""
+    lives = {} if lifetime is None else {"lifetime": lifetime}
     if backend == "k8s":
         if not task.image:
             raise ValueError(f"task {task.instance_id} has no container image")
         setup = task.metadata.get("docker_setup") or default_docker_setup(task.image)
-        return KubernetesSandbox(task.image, setup=setup, instance_id=task.instance_id).start()
+        return KubernetesSandbox(task.image, setup=setup, instance_id=task.instance_id, **lives).start()
     if backend == "docker":
         if not task.image:
             raise ValueError(f"task {task.instance_id} has no Docker image")
-        sandbox = DockerSandbox(
-            task.image, setup=task.metadata.get("docker_setup") or default_docker_setup(task.image)
-        )
+        setup = task.metadata.get("docker_setup") or default_docker_setup(task.image)
+        sandbox = DockerSandbox(task.image, setup=setup, **lives)
         return sandbox.start()
     if backend not in SANDBOX_BACKENDS:
         raise ValueError(f"unknown sandbox backend {backend!r}; choose one of {', '.join(SANDBOX_BACKENDS)}")
@@ -85,6 +88,7 @@ def make_sandbox(backend: str, task: Task, root: str | None = None) -> Sandbox:
 
 
 __all__ = [
+    "default_sandbox_factory",
     "BWRAP_MISSING",
     "COMMAND_ENV",
     "DEFAULT_MAX_OUTPUT",
@@ -118,3 +122,14 @@ __all__ = [
     "sweep_stale_sandboxes",
     "too_large_error",
 ]
+
+
+def default_sandbox_factory(
+    backend: str = "local", root: str | None = None, lifetime: float | None = None
+) -> Callable[[Task], Sandbox]:
+    """A fresh sandbox per episode ([`make_sandbox`]): an isolated private checkout of `task.repo_path` under `root`
+    ("local"), the same unisolated ("host"), a container ("docker") or a pod ("k8s") of `task.image` that lives at
+    most `lifetime` seconds."""
+    if backend not in SANDBOX_BACKENDS:
+        raise ValueError(f"sandbox must be one of {', '.join(SANDBOX_BACKENDS)}; got {backend!r}")
+    return functools.partial(make_sandbox, backend, root=root, lifetime=lifetime)
