@@ -42,6 +42,11 @@ from .stages import Stage, pin_options, run_stages
 PREFIX = "experiment"
 # the settings that decide an experiment's results: a rerun in the same folder must keep them (where it runs, on which
 # port or GPUs, and where it logs may change)
+# training flags the experiment passes itself: in `train_flags` they would silently override its own settings
+OWNED_FLAGS = {
+    "--model", "--model_name_or_path", "--dataset_name", "--output_dir", "--config", "--alpha", "--beta",
+    "--report_to", "--run_name",
+}  # fmt: skip
 PINNED = (
     "model", "dataset_name", "tasks", "method", "alpha", "beta", "train_config", "train_flags", "n", "runs",
     "temperature", "max_steps", "max_context_tokens", "max_tokens", "sandbox", "verifier", "verifier_model", "selector",
@@ -107,6 +112,14 @@ class ExperimentArguments:
                 raise SystemExit(f"entropo experiment: bad --{name} {getattr(self, name)!r}")
         if bool(self.verifier_url) != bool(self.verifier_model):
             raise SystemExit("entropo experiment: give --verifier_url and --verifier_model together")
+        if self.verifier and self.verifier_url:
+            raise SystemExit("entropo experiment: give one verifier, --verifier (a folder) or --verifier_url")
+        owned = sorted({f.split("=")[0] for f in shlex.split(self.train_flags) if f.split("=")[0] in OWNED_FLAGS})
+        if owned:
+            raise SystemExit(
+                f"entropo experiment: --train_flags sets {', '.join(owned)}, which the experiment sets itself (and "
+                "records as the run's settings): give them as the experiment's own options"
+            )
         self._check_components()
         if self.output_dir is None:
             name = f"{self.method}-b{self.beta:g}-a{self.alpha:g}"

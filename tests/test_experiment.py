@@ -117,6 +117,20 @@ def test_bad_settings_are_refused_before_anything_runs(tmp_path):
         recipe_file("nowhere/ekto.yaml", "train_config")
     with pytest.raises(SystemExit, match="unknown --selector 'paper_verified'"):
         ExperimentArguments(model="m", dataset_name="d", tasks="t", train_config="c", selector="paper_verified")
+    with pytest.raises(SystemExit, match="--train_flags sets --alpha, --output_dir, which the experiment sets"):
+        ExperimentArguments(
+            model="m", dataset_name="d", tasks="t", train_config="c", train_flags="--alpha 1 --output_dir=x"
+        )
+    with pytest.raises(SystemExit, match="give one verifier"):
+        ExperimentArguments(
+            model="m",
+            dataset_name="d",
+            tasks="t",
+            train_config="c",
+            verifier="v",
+            verifier_url="u",
+            verifier_model="m",
+        )
     with pytest.raises(SystemExit, match="give --train_config"):
         ExperimentArguments(model=str(tmp_path), dataset_name="d", tasks="t")
 
@@ -125,18 +139,26 @@ def test_bad_settings_are_refused_before_anything_runs(tmp_path):
 # the two-point sweep on a CPU
 # ---------------------------------------------------------------------------------------------------------------------
 
-# the shipped 4B recipe, with what a CPU and a test's time force: fp32, two short steps, no checkpoints
-TRAIN_CONFIG = "qwen3-4b-instruct-2507/ekto.yaml"
-TRAIN_FLAGS = (
-    "--bf16 false --max_steps 2 --per_device_train_batch_size 2 --gradient_accumulation_steps 1 "
-    "--activation_checkpointing false --save_strategy no --logging_steps 1 --learning_rate 0.01"
-)
+# The shipped paper config, run with only what a CPU forces (and what a test's minutes force) changed
+SHIPPED_CONFIG = RECIPES_DIR / "experiments" / "qwen3-coder-30b-a3b-instruct.yaml"
+CPU_FORCED = {
+    "server": "transformers",  # no GPU: no vLLM
+    "sandbox": "local",  # no Docker daemon: the isolated local sandbox, over toy repositories
+    "accelerate_config": "",  # no GPUs for ZeRO-3: the training stage runs in one process
+    "verifier_url": "",  # no second GPU server for the 30B verifier: selection without verifier scores
+    "verifier_model": "",
+    "train_flags": "--bf16 false --dtype float32 --max_steps 2",  # fp32 on a CPU; two optimiser steps
+    "n": "2",  # minutes, not hours: 2 rollouts of 2 steps of 24 tokens per held-out task
+    "max_steps": "2",
+    "max_tokens": "24",
+    "concurrency": "2",
+}
 
 
 @pytest.fixture(scope="module")
 def sweep_setup(tmp_path_factory):
-    """A tiny student (the SFT model), KTO rows from the scripted teacher on two toy tasks, two held-out toy tasks and
-    the CPU experiment config (what a CPU forces: the transformers server, tiny limits, fp32 LoRA flags)."""
+    """A tiny student (the SFT model), KTO rows from the scripted teacher on two toy tasks, and two held-out toy
+    tasks."""
     from entropo_trl.rollout.sandbox import SandboxError, require_bwrap
 
     try:
@@ -164,29 +186,21 @@ def sweep_setup(tmp_path_factory):
     with open(root / "kto.jsonl", "w") as handle:
         for row in rows:
             handle.write(json.dumps(row) + "\n")
-    config = {
-        "model": str(root / "sft"),
-        "dataset_name": str(root / "kto.jsonl"),
-        "tasks": str(root / "heldout"),
-        "beta": 0.1,
-        "train_config": TRAIN_CONFIG,
-        "train_flags": TRAIN_FLAGS,
-        "n": 2,
-        "max_steps": 2,
-        "max_tokens": 24,
-        "max_context_tokens": 1_000_000,
-        "concurrency": 2,
-        "server": "transformers",
-        "selector": "paper-verified",
-        "report_to": "wandb",
-    }
-    (root / "cpu.yaml").write_text(yaml.safe_dump(config))
     return root
 
 
 def experiment(root: Path, alpha: float, **popen):
-    command = [sys.executable, "-m", "entropo_trl", "experiment", "--config", str(root / "cpu.yaml")]
-    command += [f"--alpha={alpha}", "--output_dir", str(root / "experiments" / f"a{alpha}")]
+    command = [sys.executable, "-m", "entropo_trl", "experiment", "--config", str(SHIPPED_CONFIG), f"--alpha={alpha}"]
+    command += [
+        "--model",
+        str(root / "sft"),
+        "--dataset_name",
+        str(root / "kto.jsonl"),
+        "--tasks",
+        str(root / "heldout"),
+    ]
+    command += ["--output_dir", str(root / "experiments" / f"a{alpha}")]
+    command += [part for name, value in CPU_FORCED.items() for part in (f"--{name}", value)]
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "TQDM_DISABLE": "1"}
     return subprocess.Popen(command, env=env, cwd=root, text=True, start_new_session=True, **popen)
 

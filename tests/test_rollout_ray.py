@@ -17,9 +17,10 @@ import pytest
 from entropo_trl.data.readers import ReadStats, read_trajectories
 from entropo_trl.rollout.client import ChatClient, SamplingParams
 from entropo_trl.rollout.pool import errors_path
-from entropo_trl.rollout.ray_runner import ClientSpec, run_rollouts_ray, sweep_stale_containers
+from entropo_trl.rollout.ray_runner import ClientSpec, run_rollouts_ray
 from entropo_trl.rollout.runner import RolloutConfig, run_rollouts
-from entropo_trl.rollout.sandbox import SANDBOX_PREFIX, make_sandbox
+from entropo_trl.rollout.sandbox import SANDBOX_PREFIX, make_sandbox, sweep_stale_containers
+from entropo_trl.rollout.sandbox.docker import owner_label
 from entropo_trl.rollout.scaffold import Action
 from entropo_trl.rollout.serve import StubHTTPError, serve_scripted
 from entropo_trl.rollout.tasks import Task
@@ -252,11 +253,13 @@ def test_docker_sweep_removes_only_this_hosts_containers_of_dead_processes(tmp_p
     host = os.uname().nodename
     log = tmp_path / "docker.log"
     fake = tmp_path / "docker"
-    listing = f"c1 {host}:{dead.pid}\\nc2 {host}:{os.getpid()}\\nc3 other-host:{dead.pid}\\nc4 \\n"
+    me = owner_label(os.getpid())  # a live process, as its containers are labelled
+    reused = f"{host}:{os.getpid()}:1"  # a live pid, but started at another time: its owner is gone
+    listing = f"c1 {host}:{dead.pid}:5\\nc2 {me}\\nc3 other-host:{dead.pid}:5\\nc4 \\nc5 {reused}\\n"
     fake.write_text(f'#!/bin/sh\necho "$@" >> {log}\n[ "$1" = ps ] && printf "{listing}"\nexit 0\n')
     fake.chmod(0o755)
-    assert sweep_stale_containers(str(fake)) == ["c1"]
-    assert log.read_text().splitlines()[-1] == "rm -f c1"
+    assert sweep_stale_containers(str(fake)) == ["c1", "c5"]
+    assert log.read_text().splitlines()[-1] == "rm -f c1 c5"
 
 
 def test_cli_ray_flags(tmp_path, capsys, monkeypatch):
@@ -267,6 +270,7 @@ def test_cli_ray_flags(tmp_path, capsys, monkeypatch):
         (["--cpus_per_episode", "2"], "apply to --ray only"),
         (["--ray", "auto", "--cpus_per_episode", "0"], "--cpus_per_episode must be > 0"),
         (["--ray", "auto", "--max_in_flight", "0"], "--max_in_flight must be >= 1"),
+        (["--ray", "auto", "--concurrency", "64"], "with --ray, Ray's CPUs and --max_in_flight do"),
     ]:
         with pytest.raises(SystemExit) as exit_info:
             main([*base, "--model", "m", *extra])

@@ -26,6 +26,7 @@ from entropo_trl.rollout.sandbox import (
     require_bwrap,
     sweep_stale_sandboxes,
 )
+from entropo_trl.rollout.sandbox.docker import owner_label
 from entropo_trl.rollout.sandbox.host import _warn_unisolated
 from entropo_trl.rollout.sandbox.local import _python_dirs
 from entropo_trl.rollout.tasks import Task
@@ -330,7 +331,7 @@ def test_docker_command_lines():
     box = DockerSandbox("img:1", workdir="/testbed", docker="podman", run_args=["--network", "none"], name="ep1")
     assert box.start_command() == [
         "podman", "run", "-d", "--rm", "--name", "ep1", "--label", "entropo.sandbox=1", "--network", "none",
-        "--label", f"entropo.owner={os.uname().nodename}:{os.getpid()}",  # what the sweep of dead runs reads
+        "--label", f"entropo.owner={owner_label(os.getpid())}",  # HOST:PID:START, what the sweep of dead runs reads
         "-w", "/testbed", "img:1", "sleep", "86400",
     ]  # fmt: skip
     assert DockerSandbox("img", lifetime=90.5).start_command()[-2:] == ["sleep", "91"]  # a leaked container ends

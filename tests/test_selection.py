@@ -530,3 +530,17 @@ def test_selector_settings_that_would_be_ignored_are_refused():
         PRESETS["paper-verified"].without("verifer")
     with pytest.raises(ValueError, match="verifier_inclusive must be true or false"):
         SelectorConfig.from_dict({"verifier_inclusive": "false"})
+
+
+def test_select_and_swebench_refuse_to_write_over_their_input(tmp_path):
+    """A user who passes the pool as the output would lose N candidates per instance to one."""
+    from entropo_trl.evaluation.cli import select_main, swebench_main
+
+    pool = tmp_path / "pool.jsonl"
+    write_trajectories(pool, [*regression_pool(), *candidates()])
+    before = pool.read_bytes()
+    with pytest.raises(SystemExit, match="is the input file"):
+        select_main(["--pool", str(pool), "--output", str(tmp_path / "." / "pool.jsonl")])
+    with pytest.raises(SystemExit, match="is the input file"):
+        swebench_main(["--pool", str(pool), "--predictions", str(pool)])
+    assert pool.read_bytes() == before

@@ -105,6 +105,13 @@ def test_single_turn_refuses_a_multi_turn_pair_naming_the_row(tmp_path):
     assert not output.exists()
 
 
+def test_single_turn_is_refused_for_rows_without_pairs(tmp_path):
+    rows = write_rows(tmp_path / "kto.jsonl", [dict(KTO_ROW, label=True)])
+    with pytest.raises(SystemExit, match="hold no pair \\(kto\\); drop --single_turn"):
+        main(["sharegpt-export", "--input", rows, "--output", str(tmp_path / "kto.json"), "--single_turn"])
+    assert not (tmp_path / "kto.json").exists()
+
+
 def test_kto_export_warns_that_upstream_trains_the_last_turn_only(tmp_path, capsys):
     rows = write_rows(tmp_path / "kto.jsonl", [dict(KTO_ROW, label=True), dict(KTO_ROW, label=False)])
     assert main(["sharegpt-export", "--input", rows, "--output", str(tmp_path / "kto.json")]) == 0

@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     """Whether two paths name one file: relative paths, `..` and symbolic links resolved (and hard links, when both
     exist)."""
     try:
@@ -239,7 +239,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     """Refuse options that contradict each other or would be ignored (exit status 2, before anything is read)."""
     if args.output is not None:
         for path in args.input:
-            if _same_file(args.output, path):
+            if same_file(args.output, path):
                 parser.error(
                     f"--output {args.output} is the --input file {path}: writing would replace what is being read; "
                     "give another --output"
@@ -266,6 +266,12 @@ def run_sharegpt(args: argparse.Namespace) -> int:
         converted = list(export_sharegpt(rows, args.single_turn) if exported else import_sharegpt(rows))
     except ValueError as error:
         raise SystemExit(f"{', '.join(args.input)}: {error}") from None
+    kinds = {sharegpt_kind(row) for row in converted} if exported else set()
+    if exported and args.single_turn and "dpo" not in kinds:
+        raise SystemExit(
+            f"{', '.join(args.input)}: --single_turn writes DPO pairs' chosen / rejected as single messages, and these "
+            f"rows hold no pair ({', '.join(sorted(kinds)) or 'no rows'}); drop --single_turn"
+        )
     if exported and args.output and args.output.endswith(".json"):  # LLaMA-Factory reads a JSON array
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(converted, ensure_ascii=False, indent=1), encoding="utf-8")
@@ -274,7 +280,6 @@ def run_sharegpt(args: argparse.Namespace) -> int:
             write_rows(converted, None, args.push_to_hub, description=args.command, measure=False)
     else:
         written = write_rows(converted, args.output, args.push_to_hub, description=args.command, measure=not exported)
-    kinds = {sharegpt_kind(row) for row in converted} if exported else set()
     if exported and args.name and args.output:
         info = Path(args.output).parent / "dataset_info.json"
         entries = json.loads(info.read_text()) if info.exists() else {}

@@ -11,6 +11,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from ..data.cli import same_file
 from ..data.readers import read_trajectories
 from ..data.trajectory import write_trajectories
 from .harness import DEFAULT_DATASET, DockerUnavailableError, run_harness
@@ -53,6 +54,14 @@ predictions, as the rollout oracle drops them, and counted; `--keep_test_edits` 
 The harness needs a Docker daemon: without one the predictions are still written, the command to run elsewhere is
 printed, and the exit status is 2.
 """
+
+
+def refuse_overwriting(flag: str, output: str, inputs: list[str]) -> None:
+    """Stop before writing `output` when it is one of the `inputs`: a pool would be replaced by what was read from
+    it."""
+    for path in inputs:
+        if same_file(output, path):
+            raise SystemExit(f"{flag} {output} is the input file {path}: writing would replace what is being read")
 
 
 def select_parser() -> argparse.ArgumentParser:
@@ -108,6 +117,7 @@ async def _score(trajectories, args):
 def select_main(argv=None) -> int:
     """`entropo select`: pick one trajectory per instance and write the choices (see `SELECT_HELP`)."""
     args = select_parser().parse_args(argv)
+    refuse_overwriting("--output", args.output, args.pool)
     selector = selector_from_args(args)
     trajectories = list(read_trajectories(args.pool))
     if args.verifier_url:
@@ -187,6 +197,7 @@ def choose_trajectories(args: argparse.Namespace) -> list:
 def swebench_main(argv=None) -> int:
     """`entropo swebench`: write predictions and, with `--run`, grade them (see `SWEBENCH_HELP`)."""
     args = swebench_args(argv)
+    refuse_overwriting("--predictions", args.predictions, [args.pool or args.selection])
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     trajectories = choose_trajectories(args)
     model_name = args.model_name

@@ -262,6 +262,12 @@ def sweep_pools(folder: str | Path) -> list[str]:
         raise SystemExit(f"--sweep {folder}: no experiment run (a folder with eval.json) under it")
     temperatures = {run.get("temperature") for run in runs}
     label = "alpha={alpha:g}" if len(temperatures) == 1 else "alpha={alpha:g} T={temperature:g}"
+    if len(temperatures) > 1:
+        print(
+            f"--sweep {folder}: the runs differ in temperature ({sorted(temperatures)}), so they are labelled by α and "
+            "T and the report draws no α-sweep figure; give a folder per temperature for one",
+            file=sys.stderr,
+        )
     return [f"{label.format_map(run)}:{run['pool']}" for run in runs]
 
 

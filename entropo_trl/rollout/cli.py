@@ -267,6 +267,8 @@ def _check_ray(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error("--cpus_per_episode must be > 0 and --ray_max_retries >= 0")
     if args.max_in_flight is not None and args.max_in_flight < 1:
         parser.error(f"--max_in_flight must be >= 1, got {args.max_in_flight}")
+    if args.concurrency != parser.get_default("concurrency"):
+        parser.error("--concurrency bounds one machine's episodes: with --ray, Ray's CPUs and --max_in_flight do")
     if args.ray != "local" and (args.serve_vllm or args.serve_transformers):
         parser.error("--serve_vllm / --serve_transformers listen on this machine only: use them with --ray local")
     from .ray_runner import import_ray

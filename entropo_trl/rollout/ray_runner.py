@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import subprocess
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -49,7 +48,7 @@ from .runner import (
     progress_bar,
     run_episode,
 )
-from .sandbox import Sandbox, SandboxError, sweep_stale_pods, sweep_stale_sandboxes
+from .sandbox import Sandbox, SandboxError, sweep_stale_containers, sweep_stale_pods, sweep_stale_sandboxes
 from .tasks import Task
 
 logger = logging.getLogger(__name__)
@@ -139,46 +138,6 @@ def episode_task(
 
 
 # -------------------------------------------------------------------------------------------- sweeping the nodes
-
-
-def _process_runs(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
-def sweep_stale_containers(docker: str = "docker") -> list[str]:
-    """Remove the containers of this host's Docker daemon that sandboxes of processes which are gone left behind (the
-    label `entropo.owner=HOST:PID` that [`DockerSandbox`] sets). Containers of other hosts, of live processes, and
-    without the label are left alone. Returns the removed containers' ids; none when Docker is not usable."""
-    host = os.uname().nodename
-    try:
-        listed = subprocess.run(
-            [docker, "ps", "-a", "--filter", "label=entropo.owner", "--format", '{{.ID}} {{.Label "entropo.owner"}}'],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-    except (OSError, subprocess.TimeoutExpired) as error:
-        logger.warning(f"could not list the sandbox containers on {host}: {error}")
-        return []
-    if listed.returncode != 0:
-        logger.warning(f"could not list the sandbox containers on {host}: {listed.stderr.strip()}")
-        return []
-    stale = []
-    for line in listed.stdout.splitlines():
-        container, _, owner = line.partition(" ")
-        owner_host, _, pid = owner.rpartition(":")
-        if owner_host == host and pid.isdigit() and not _process_runs(int(pid)):
-            stale.append(container)
-    if stale:
-        subprocess.run([docker, "rm", "-f", *stale], capture_output=True, timeout=300)
-        logger.info(f"removed {len(stale)} sandbox containers left by earlier runs on {host}")
-    return stale
 
 
 def sweep_node(backend: str, root: str | None) -> list[str]:

@@ -44,7 +44,7 @@ from .base import (
     too_large_error,
 )
 from .checkout import MAX_TEMPLATES, SANDBOX_PREFIX, sweep_stale_sandboxes
-from .docker import SWEBENCH_SETUP, DockerSandbox, default_docker_setup
+from .docker import SWEBENCH_SETUP, DockerSandbox, default_docker_setup, sweep_stale_containers
 from .host import LocalSandbox, _warn_unisolated
 from .k8s import KUBERNETES_MISSING, KubernetesSandbox, require_kubernetes, sweep_stale_pods
 from .local import BWRAP_MISSING, SANDBOX_WORKDIR, SYSTEM_PATH, BwrapSandbox, SandboxLimits, require_bwrap
@@ -88,6 +88,7 @@ def make_sandbox(backend: str, task: Task, root: str | None = None, lifetime: fl
 
 
 __all__ = [
+    "sweep_stale_containers",
     "default_sandbox_factory",
     "BWRAP_MISSING",
     "COMMAND_ENV",

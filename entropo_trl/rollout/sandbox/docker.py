@@ -3,6 +3,7 @@ line of SWE-bench images."""
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import posixpath
@@ -12,6 +13,7 @@ import uuid
 from collections.abc import Sequence
 
 from .base import _ENSURE_BASE_SCRIPT, COMMAND_ENV, DEFAULT_MAX_OUTPUT, CommandResult, SandboxError, ShellSandbox
+from .checkout import _process_start
 from .process import _kill_group, run_process
 
 SWEBENCH_SETUP = "source /opt/miniconda3/bin/activate && conda activate testbed"
@@ -22,6 +24,9 @@ def default_docker_setup(image: str | None) -> str | None:
     """The setup line for an image: [`SWEBENCH_SETUP`] for SWE-bench harness images (`swebench/sweb.eval.*`), else
     nothing."""
     return SWEBENCH_SETUP if image and "sweb.eval." in image else None
+
+
+logger = logging.getLogger(__name__)
 
 
 class DockerSandbox(ShellSandbox):
@@ -77,7 +82,7 @@ class DockerSandbox(ShellSandbox):
             "--label",
             "entropo.sandbox=1",
             *self.run_args,
-            *("--label", f"entropo.owner={os.uname().nodename}:{self._owner_pid}"),  # for sweeps of dead runs
+            *("--label", f"{OWNER_LABEL}={owner_label(self._owner_pid)}"),  # for sweeps of dead runs
             "-w",
             self.workdir,
             self.image,
@@ -153,3 +158,44 @@ class DockerSandbox(ShellSandbox):
         elif result.exit_code in (125, 126) and "No such container" in result.stderr:
             raise SandboxError(f"container {self.name} is gone: {result.stderr.strip()}")
         return result
+
+
+OWNER_LABEL = "entropo.owner"
+
+
+def owner_label(pid: int) -> str:
+    """`HOST:PID:START`: the process that owns a container, named so that a reused pid never passes for it."""
+    return f"{os.uname().nodename}:{pid}:{_process_start(pid)}"
+
+
+def sweep_stale_containers(docker: str = "docker") -> list[str]:
+    """Remove the containers of this host's Docker daemon that sandboxes of processes which are gone left behind (the
+    label `entropo.owner=HOST:PID:START` that [`DockerSandbox`] sets). Containers of other hosts, of live processes,
+    and without the label are left alone. Returns the removed containers' ids; none when Docker is not usable."""
+    host = os.uname().nodename
+    listing = [
+        docker,
+        "ps",
+        "-a",
+        "--filter",
+        f"label={OWNER_LABEL}",
+        "--format",
+        f'{{{{.ID}}}} {{{{.Label "{OWNER_LABEL}"}}}}',
+    ]
+    try:
+        listed = subprocess.run(listing, capture_output=True, text=True, timeout=60)
+        if listed.returncode != 0:
+            raise OSError(listed.stderr.strip())
+        stale = []
+        for line in listed.stdout.splitlines():
+            container, _, owner = line.partition(" ")
+            owner_host, pid, start = (owner.split(":") + ["", "", ""])[:3]
+            if owner_host == host and pid.isdigit() and start and _process_start(int(pid)) != start:
+                stale.append(container)
+        if stale:
+            subprocess.run([docker, "rm", "-f", *stale], capture_output=True, timeout=300)
+            logger.info(f"removed {len(stale)} sandbox containers left by earlier runs on {host}")
+        return stale
+    except (OSError, subprocess.TimeoutExpired) as error:
+        logger.warning(f"could not sweep the sandbox containers on {host}: {error}")
+        return []
