@@ -53,6 +53,7 @@ def test_the_installed_console_script_is_entropo():
     "script, expected",
     [
         ("recipes/ekto.py", "--alpha"),
+        ("recipes/experiment.py", "--train_config"),
         ("eval/select.py", "--preset"),
         ("eval/report.py", "--pool"),
         ("eval/swebench_eval.py", "--predictions"),
